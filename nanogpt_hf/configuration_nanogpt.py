@@ -1,0 +1,75 @@
+"""NanoGPT model configuration: nanoGPT's names and defaults, Hugging Face's names through `attribute_map`.
+
+This file is copied next to every saved model (`save_pretrained` with `auto_map`), so it imports nothing from
+the nanogpt_hf package: a checkpoint must load where nanogpt_hf is not installed.
+"""
+
+from transformers import PretrainedConfig
+
+__all__ = ["NanoGPTConfig", "GPT2_PRESETS"]
+
+# The four OpenAI GPT-2 sizes (nanoGPT's from_pretrained table). All share vocab 50257, block 1024, bias=True.
+GPT2_PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M params
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M params
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M params
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M params
+}
+
+
+class NanoGPTConfig(PretrainedConfig):
+    model_type = "nanogpt"
+    # HF code (generate, DynamicCache, masking utils, pipelines) reads the long names; nanoGPT users the short.
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+        "max_position_embeddings": "block_size",
+        "n_positions": "block_size",
+    }
+
+    def __init__(
+        self,
+        vocab_size=50304,  # GPT-2's 50257 padded up to a multiple of 64 for efficiency (nanoGPT)
+        block_size=1024,
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        dropout=0.0,
+        bias=True,  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+        initializer_range=0.02,
+        layer_norm_epsilon=1e-5,
+        use_cache=True,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.n_embd = n_embd
+        self.dropout = dropout
+        self.bias = bias
+        self.initializer_range = initializer_range
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.use_cache = use_cache
+        # transformers 5 no longer declares this on the base class: without it tying silently does not happen.
+        self.tie_word_embeddings = tie_word_embeddings
+        self._validate_sizes()
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    def _validate_sizes(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"NanoGPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"NanoGPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"NanoGPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")

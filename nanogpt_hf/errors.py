@@ -1,0 +1,27 @@
+"""User mistakes become one line on stderr and exit code 2; programming errors keep their traceback."""
+
+import functools
+import sys
+
+__all__ = ["UserError", "cli_main"]
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, checkpoint, prompt, flag): the message says how to fix it."""
+
+
+def cli_main(main):
+    """Decorator for console entry points: UserError -> `error: <message>` and exit 2, no traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

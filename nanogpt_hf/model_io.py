@@ -1,0 +1,114 @@
+"""Model folders: what `init_from` names, and how a complete, loadable HF folder is written.
+
+A model folder holds config.json (with auto_map), model.safetensors, the modeling code, the tokenizer and
+generation_config.json: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`,
+`pipeline("text-generation", model=folder)` and nanogpt-sample work on it directly.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+from .errors import UserError
+
+__all__ = ["GPT2_NAMES", "is_gpt2_name", "save_model_folder", "load_model", "load_model_and_tokenizer", "replace_dir"]
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def is_gpt2_name(name):
+    return name.removeprefix("openai-community/") in GPT2_NAMES
+
+
+def replace_dir(tmp, final):
+    """Puts a completely written folder in place of `final`: rename is atomic, so readers see old or new."""
+    if os.path.isdir(final):
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_model_folder(model, tokenizer, folder, extra_files=None):
+    """Writes the HF folder to a temporary sibling and swaps it in, so `folder` is never half-written.
+
+    Files in `folder` that are not part of the model (e.g. a training run's checkpoints/ and logs) are kept:
+    the model files are moved in one by one after the whole set is written."""
+    from transformers import GenerationConfig
+
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".model-tmp-", dir=folder)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+        pad = tokenizer.pad_token_id
+        eos = tokenizer.eos_token_id
+        GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad).save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    os.rmdir(tmp)
+
+
+def _is_model_folder(path):
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_model(name_or_path, dropout=None, trust_remote_code=True, **overrides):
+    """A NanoGPTForCausalLM from: gpt2* (OpenAI), a folder or hub id holding a NanoGPT or GPT-2 model."""
+    from .modeling_nanogpt import NanoGPTForCausalLM
+
+    if is_gpt2_name(name_or_path):
+        return NanoGPTForCausalLM.from_gpt2(name_or_path, dropout=dropout, **overrides)
+    if os.path.isdir(name_or_path) and not _is_model_folder(name_or_path):
+        raise UserError(f"{name_or_path}: no config.json here, so it is not a model folder (train one, or name gpt2*)")
+    model_type = _model_type(name_or_path)
+    if model_type == "gpt2":
+        return NanoGPTForCausalLM.from_gpt2(name_or_path, dropout=dropout, **overrides)
+    if model_type != "nanogpt":
+        raise UserError(f"{name_or_path}: model_type {model_type!r} is neither nanogpt nor gpt2")
+    kwargs = dict(overrides)
+    if dropout is not None:
+        kwargs["dropout"] = dropout
+    try:
+        return NanoGPTForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{name_or_path}: cannot load the model ({str(e).splitlines()[0]})") from e
+
+
+def _model_type(name_or_path):
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, "config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(name_or_path, "config.json")
+        except Exception as e:  # offline, unknown repo, no such file: all one answer for the user
+            raise UserError(f"{name_or_path}: not a local folder, and the Hub did not give its config.json "
+                            f"({type(e).__name__}); check the name or the network") from e
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable config ({e})") from e
+
+
+def load_model_and_tokenizer(name_or_path, **kwargs):
+    """Model plus its tokenizer: the folder's own, or the GPT-2 BPE one for gpt2* and GPT-2 folders."""
+    from .tokenization import gpt2_hf_tokenizer, load_tokenizer
+
+    model = load_model(name_or_path, **kwargs)
+    if is_gpt2_name(name_or_path):
+        return model, gpt2_hf_tokenizer(model.config.block_size)
+    folder = name_or_path if os.path.isdir(name_or_path) else None
+    has_tokenizer = folder is None or any(
+        os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(name_or_path) if has_tokenizer else gpt2_hf_tokenizer(model.config.block_size)
+    return model, tokenizer

@@ -1,0 +1,79 @@
+"""GPT-2 BPE, offline: tiktoken for speed, a transformers fast tokenizer with the same vocabulary for the Hub.
+
+Both are built from the two OpenAI files shipped in nanogpt_hf/assets/gpt2 (byte-identical to the ones tiktoken
+downloads for its `gpt2` encoding); their sha256 is checked on load, as tiktoken itself does.
+"""
+
+import functools
+import hashlib
+import os
+
+from .errors import UserError
+
+__all__ = ["GPT2_EOT", "gpt2_files", "gpt2_encoding", "gpt2_hf_tokenizer", "load_tokenizer"]
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+GPT2_EOT = 50256  # <|endoftext|>
+GPT2_SHA256 = {  # the `encoder_json_hash` / `vocab_bpe_hash` of tiktoken_ext.openai_public.gpt2
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+# GPT-2's pre-tokenisation regex (tiktoken's r50k pattern)
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_files():
+    """{'encoder.json': path, 'vocab.bpe': path}, each verified against its published sha256."""
+    paths = {}
+    for name, expected in GPT2_SHA256.items():
+        path = os.path.join(ASSETS, "gpt2", name)
+        with open(path, "rb") as f:
+            actual = hashlib.sha256(f.read()).hexdigest()
+        if actual != expected:
+            raise UserError(f"{path} is corrupt (sha256 {actual[:12]}..., expected {expected[:12]}...): reinstall nanogpt_hf")
+        paths[name] = path
+    return paths
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding():
+    """tiktoken's `gpt2` encoding built from the shipped files, no download, no cache copy."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    files = gpt2_files()
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # "" = read in place: tiktoken otherwise copies even local files to a cache
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=files["vocab.bpe"], encoder_json_file=files["encoder.json"])
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=50257
+    )
+
+
+def gpt2_hf_tokenizer(model_max_length=1024):
+    """transformers' GPT2TokenizerFast with the same vocabulary, ready for batched pipelines (pad = EOT, left)."""
+    from transformers import GPT2TokenizerFast
+
+    files = gpt2_files()
+    # vocab=/merges= (not vocab_file=/merges_file=, which silently builds an EMPTY tokenizer in transformers 5)
+    tok = GPT2TokenizerFast(vocab=files["encoder.json"], merges=files["vocab.bpe"], model_max_length=model_max_length)
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_tokenizer(folder, trust_remote_code=True):
+    """The tokenizer saved in a model or data folder (BPE or char), with a clear error where there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: no tokenizer found ({str(e).splitlines()[0]}); save one with tokenizer.save_pretrained") from e

@@ -1,0 +1,66 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_config(**overrides):
+    from nanogpt_hf import NanoGPTConfig
+
+    args = dict(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+    args.update(overrides)
+    return NanoGPTConfig(**args)
+
+
+def tiny_model(seed=0, **overrides):
+    from nanogpt_hf import NanoGPTForCausalLM
+
+    torch.manual_seed(seed)
+    return NanoGPTForCausalLM(tiny_config(**overrides)).eval()
+
+
+# Code run first in a subprocess that must not see nanogpt_hf: drops the editable-install finder and the
+# project from sys.path, then proves the package is not importable.
+HIDE_PACKAGE = textwrap.dedent(
+    f"""
+    import importlib.util, sys
+    sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", type(f).__module__).lower()
+                     and "editable" not in type(f).__name__.lower()]
+    sys.path = [p for p in sys.path if p not in ("", ".", {ROOT!r}) and not p.startswith({ROOT!r})]
+    assert importlib.util.find_spec("nanogpt_hf") is None, "nanogpt_hf is still importable"
+    """
+)
+
+
+def run_python(code, *, hide_package=False, cwd=None, env=None, timeout=300, check=True):
+    """Runs code in a fresh interpreter; returns the CompletedProcess (stdout/stderr as text)."""
+    full = (HIDE_PACKAGE if hide_package else "") + textwrap.dedent(code)
+    proc = subprocess.run(
+        [sys.executable, "-c", full], cwd=cwd or ROOT, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_cli(args, *, cwd=None, env=None, timeout=600):
+    """Runs a command line; returns the CompletedProcess without checking the exit code."""
+    return subprocess.run(
+        args, cwd=cwd or ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
