@@ -64,3 +64,25 @@ def run_cli(args, *, cwd=None, env=None, timeout=600):
 @pytest.fixture
 def tiny():
     return tiny_model()
+
+
+def assert_one_line_error(proc, message):
+    """A user mistake: exit code 2, no traceback, one `error:` line (the last) that contains message."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def assert_cli_error(main, argv, message, capsys):
+    """The same check in-process: a console entry point called with argv exits 2 with one `error:` line."""
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, (argv, err)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], (argv, err)

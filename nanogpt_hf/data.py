@@ -1,0 +1,129 @@
+"""Training batches: nanoGPT's random memmap windows, or a packed token stream straight from a dataset.
+
+Both sources yield (x, y) int64 tensors of shape (batch_size, block_size), y being x shifted by one, and both
+have `state_dict()` / `load_state_dict()`: their position is part of the training state, so after a resume
+the next batch is exactly the one that would have come.
+"""
+
+import copy
+import os
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .prepare import load_documents, read_meta, tokenize_batch
+
+__all__ = ["MemmapBatches", "StreamingBatches", "check_bin"]
+
+
+def check_bin(data_dir, split, block_size):
+    """Path of a prepared split, with clear errors for a missing, empty or too short bin."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing: run the dataset's prepare.py first")
+    n_tokens = os.path.getsize(path) // 2  # uint16
+    if n_tokens == 0:
+        raise UserError(f"{path} is empty: run the dataset's prepare.py again on a non-empty corpus")
+    if n_tokens <= block_size:
+        raise UserError(f"{path} has {n_tokens} tokens, fewer than one block of {block_size} + 1; "
+                        f"use a smaller block_size or a longer corpus")
+    return path
+
+
+class MemmapBatches:
+    """nanoGPT's get_batch: batch_size random windows of block_size + 1 tokens from a uint16 .bin file.
+
+    The window positions come from a private torch.Generator (seeded per rank), so they are reproducible and
+    resumable independently of any other random number use (dropout, sampling)."""
+
+    def __init__(self, data_dir, split, block_size, batch_size, seed):
+        read_meta(data_dir)  # a folder without meta.json was never completely prepared
+        self.path = check_bin(data_dir, split, block_size)
+        self.block_size, self.batch_size = block_size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        # recreate np.memmap every batch to avoid a memory leak, as per
+        # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
+        data = np.memmap(self.path, dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=self.generator)
+        windows = torch.stack([torch.from_numpy(data[i : i + self.block_size + 1].astype(np.int64)) for i in ix.tolist()])
+        return windows[:, :-1], windows[:, 1:]  # (B, T) inputs, (B, T) targets
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+class StreamingBatches:
+    """Documents streamed with `datasets` (no pre-tokenized file), tokenized with tiktoken in batches (EOT after
+    each document), packed into rows of block_size + 1 tokens, split across processes.
+
+    Sharding: with a number of shards divisible by the world size each rank reads its own shards; otherwise
+    `split_dataset_by_node` makes every rank read every example and keep every world_size-th one. The split
+    happens before tokenization, so a rank tokenizes only its own examples either way. Rows are packed per rank;
+    the tail of a document stream shorter than a row waits in the buffer for the next epoch's tokens.
+
+    Position = the dataset's own state_dict (example-exact) + the tokens waiting in the packing buffer."""
+
+    def __init__(self, block_size, batch_size, dataset=None, files=None, split="train", text_column="text",
+                 rank=0, world_size=1, sample_by="paragraph", log=print):
+        from datasets.distributed import split_dataset_by_node
+
+        splits = load_documents(dataset, files, text_column, streaming=True, sample_by=sample_by)
+        if split not in splits:
+            raise UserError(f"{dataset or files}: no split {split!r} (splits: {', '.join(splits)})")
+        ds = splits[split]
+        if world_size > 1:
+            if ds.num_shards % world_size:
+                log(f"streaming: {ds.num_shards} shard(s) do not divide world size {world_size}: every rank reads all "
+                    f"examples and keeps every {world_size}-th (each tokenizes only its own)")
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        self.ds = ds.map(_tokenize_column, batched=True, fn_kwargs={"text_column": text_column},
+                         remove_columns=list(ds.column_names or [text_column]))
+        self.row = block_size + 1
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.buffer = []
+        self._dataset_state = None  # the dataset's state after the last example taken into the buffer
+        self._iterator = None
+
+    def _next_row(self):
+        while len(self.buffer) < self.row:
+            if self._iterator is None:
+                self.ds.set_epoch(self.epoch)
+                self._iterator = iter(self.ds)
+            try:
+                example = next(self._iterator)
+            except StopIteration:
+                if self._dataset_state is None and not self.buffer:
+                    raise UserError("the streamed dataset yielded no text: check the files or dataset name")
+                self.epoch += 1
+                self._iterator = None
+                continue
+            self.buffer.extend(example["ids"])
+            self._dataset_state = copy.deepcopy(self.ds.state_dict())
+        row, self.buffer = self.buffer[: self.row], self.buffer[self.row :]
+        return row
+
+    def next_batch(self):
+        rows = torch.tensor([self._next_row() for _ in range(self.batch_size)], dtype=torch.long)  # (B, T + 1)
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "buffer": list(self.buffer), "dataset": copy.deepcopy(self._dataset_state)}
+
+    def load_state_dict(self, state):
+        self.epoch = state["epoch"]
+        self.buffer = list(state["buffer"])
+        self._dataset_state = copy.deepcopy(state["dataset"])
+        self._iterator = None
+        if self._dataset_state is not None:
+            self.ds.load_state_dict(self._dataset_state)
+
+
+def _tokenize_column(batch, text_column):
+    return {"ids": tokenize_batch(batch[text_column])}

@@ -1,0 +1,331 @@
+"""nanoGPT-compatible dataset preparation: train.bin / val.bin (uint16 token ids) plus meta.json.
+
+Three recipes, nanoGPT's:
+- `shakespeare_char`: Tiny Shakespeare, character vocabulary, first 90% train / last 10% val.
+- `shakespeare`: Tiny Shakespeare, GPT-2 BPE (tiktoken), the same split.
+- `openwebtext` (or any `datasets` name, or local txt/jsonl/parquet files): `load_dataset`, nanoGPT's split
+  (test_size 0.0005, seed 2357, `test` renamed `val`), tiktoken `encode_ordinary` + EOT per document through
+  `Dataset.map(num_proc=...)`, written to a memmap shard by shard so memory stays bounded.
+
+Every bin is written under a temporary name and renamed when complete; meta.json is written last, so a folder
+whose meta.json exists holds complete bins. The trainer reads meta.json to refuse bins made with another
+tokenizer or vocabulary than the model's.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import urllib.request
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import UserError, cli_main
+from .tokenization import ASSETS, GPT2_EOT, gpt2_encoding
+
+__all__ = ["prepare_shakespeare_char", "prepare_shakespeare", "prepare_documents", "read_meta", "main"]
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+UINT16_VOCAB = 2**16
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+# --------------------------------------------------------------------------------------------- writing
+def _atomic_tmp(path):
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    return tmp
+
+
+def write_bin(path, ids):
+    """Writes token ids as uint16 under a temporary name, then renames it into place."""
+    ids = np.asarray(ids)
+    if ids.size and int(ids.max()) >= UINT16_VOCAB:
+        raise UserError(f"{path}: token id {int(ids.max())} does not fit uint16 bins; use a vocabulary under 65,536")
+    tmp = _atomic_tmp(path)
+    try:
+        ids.astype(np.uint16).tofile(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    tmp = _atomic_tmp(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_meta(data_dir):
+    """meta.json of a prepared folder, with a clear error where it is missing or broken."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"dataset folder {data_dir} does not exist: run its prepare.py first (python {data_dir}/prepare.py)")
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing: the dataset is not prepared (or preparation was interrupted); run prepare.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is unreadable ({e}); run prepare.py again") from e
+
+
+# --------------------------------------------------------------------------------------------- reading
+def read_text(path):
+    """A whole UTF-8 text file; one clear error for a missing, empty or non-UTF-8 file."""
+    if not os.path.isfile(path):
+        raise UserError(f"input file {path} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise UserError(f"input file {path} is empty: give a text corpus")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                        f"convert it, e.g. iconv -f latin1 -t utf-8") from e
+
+
+def shakespeare_text(data_dir):
+    """Tiny Shakespeare: the copy in data_dir, else the one shipped in the package, else nanoGPT's download."""
+    for path in (os.path.join(data_dir, "input.txt"), os.path.join(ASSETS, "tinyshakespeare", "input.txt")):
+        if os.path.exists(path):
+            return read_text(path), path
+    path = os.path.join(data_dir, "input.txt")
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r, open(path + ".part", "wb") as f:
+            f.write(r.read())
+        os.replace(path + ".part", path)
+    except OSError as e:
+        raise UserError(f"Tiny Shakespeare is not shipped here and the download failed ({e}); put it at {path}") from e
+    return read_text(path), SHAKESPEARE_URL
+
+
+def _split_90_10(text):
+    n = len(text)
+    return text[: int(n * 0.9)], text[int(n * 0.9) :]
+
+
+def _check_split(name, ids, source):
+    if len(ids) < 2:
+        raise UserError(f"{source}: the {name} split has {len(ids)} tokens, too short to train on; give a longer corpus")
+
+
+# --------------------------------------------------------------------------------------------- recipes
+def prepare_shakespeare_char(out_dir, text=None, source=None):
+    """nanoGPT's data/shakespeare_char/prepare.py: 65 characters, 1,003,854 train and 111,540 val tokens."""
+    from .tokenization_nanogpt_char import NanoGPTCharTokenizer
+
+    if text is None:
+        text, source = shakespeare_text(out_dir)
+    chars = sorted(set(text))
+    if len(chars) >= UINT16_VOCAB:
+        raise UserError(f"{source}: {len(chars)} distinct characters do not fit uint16 bins (at most 65,535)")
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    train, val = _split_90_10(text)
+    train_ids = np.fromiter((stoi[c] for c in train), dtype=np.uint16, count=len(train))
+    val_ids = np.fromiter((stoi[c] for c in val), dtype=np.uint16, count=len(val))
+    _check_split("train", train_ids, source)
+    _check_split("val", val_ids, source)
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = NanoGPTCharTokenizer(chars=chars)
+    tokenizer.save_pretrained(out_dir)
+    return _finish(out_dir, train_ids, val_ids, tokenizer="char", vocab_size=len(chars), source=source,
+                   extra={"itos": dict(enumerate(chars))})
+
+
+def prepare_shakespeare(out_dir, text=None, source=None):
+    """nanoGPT's data/shakespeare/prepare.py: GPT-2 BPE, 301,966 train and 36,059 val tokens."""
+    if text is None:
+        text, source = shakespeare_text(out_dir)
+    enc = gpt2_encoding()
+    train, val = _split_90_10(text)
+    train_ids, val_ids = enc.encode_ordinary(train), enc.encode_ordinary(val)
+    _check_split("train", train_ids, source)
+    _check_split("val", val_ids, source)
+    os.makedirs(out_dir, exist_ok=True)
+    return _finish(out_dir, train_ids, val_ids, tokenizer="gpt2", vocab_size=enc.n_vocab, source=source)
+
+
+def _finish(out_dir, train_ids, val_ids, tokenizer, vocab_size, source, extra=None):
+    write_bin(os.path.join(out_dir, "train.bin"), train_ids)
+    write_bin(os.path.join(out_dir, "val.bin"), val_ids)
+    meta = dict(tokenizer=tokenizer, vocab_size=vocab_size, dtype="uint16", train_tokens=len(train_ids),
+                val_tokens=len(val_ids), source=source, **(extra or {}))
+    if tokenizer == "gpt2":
+        meta["eot_token"] = GPT2_EOT
+    write_json(os.path.join(out_dir, "meta.json"), meta)  # last: its presence means the bins are complete
+    print(f"{out_dir}: train has {len(train_ids):,} tokens, val has {len(val_ids):,} tokens (vocab {vocab_size})")
+    return meta
+
+
+def load_documents(dataset=None, files=None, text_column="text", num_proc=None, sample_by="paragraph", streaming=False):
+    """A `datasets` dataset (all splits) of documents from a hub name or local files, text column checked."""
+    import datasets
+
+    if bool(dataset) == bool(files):
+        raise UserError("give either a dataset name (--dataset) or local files (--files), not both or neither")
+    try:
+        if files:
+            builder, kwargs = _builder_for(files, sample_by)
+            ds = datasets.load_dataset(builder, data_files={"train": list(files)}, streaming=streaming, **kwargs)
+        else:
+            ds = datasets.load_dataset(dataset, streaming=streaming, **({} if streaming else {"num_proc": num_proc}))
+    except UserError:
+        raise
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise UserError(f"cannot load {dataset or files}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # datasets wraps decode errors of its builders in its own exception types
+        if isinstance(e.__cause__ or e.__context__, UnicodeDecodeError) or "codec can't decode" in str(e):
+            raise UserError(f"{dataset or files}: not UTF-8 text; convert it, e.g. iconv -f latin1 -t utf-8") from e
+        raise
+    split = next(iter(ds.values()))
+    columns = split.column_names or []
+    if columns and text_column not in columns:
+        raise UserError(f"{dataset or files}: no column {text_column!r} (columns: {', '.join(columns)}); "
+                        f"pass --text_column with one of them")
+    return ds
+
+
+def _builder_for(files, sample_by):
+    kinds = set()
+    for path in files:
+        if not os.path.isfile(path):
+            raise UserError(f"input file {path} does not exist")
+        if os.path.getsize(path) == 0:
+            raise UserError(f"input file {path} is empty: give a text corpus")
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in BUILDERS:
+            raise UserError(f"{path}: unknown file type {ext!r}; use .txt, .jsonl, .json, .parquet or .csv")
+        kinds.add(BUILDERS[ext])
+        if BUILDERS[ext] in ("text", "json"):
+            _check_utf8(path)
+    if len(kinds) > 1:
+        raise UserError(f"mixed file types ({', '.join(sorted(kinds))}): prepare one kind at a time")
+    builder = kinds.pop()
+    return builder, ({"sample_by": sample_by} if builder == "text" else {})
+
+
+def _check_utf8(path, chunk=1 << 24):
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not UTF-8 (byte {offset + e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from e
+            offset += len(block)
+
+
+def tokenize_batch(texts):
+    """encode_ordinary (special tokens are plain text) + EOT after each document, like nanoGPT's openwebtext."""
+    enc = gpt2_encoding()
+    ids = enc.encode_ordinary_batch(texts, num_threads=1)
+    for doc in ids:
+        doc.append(GPT2_EOT)
+    return ids
+
+
+def _tokenize_examples(batch, text_column):
+    ids = tokenize_batch(batch[text_column])
+    return {"ids": ids, "len": [len(x) for x in ids]}
+
+
+def prepare_documents(out_dir, dataset=None, files=None, text_column="text", num_proc=1, test_size=0.0005,
+                      seed=2357, sample_by="paragraph", total_batches=1024):
+    """nanoGPT's data/openwebtext/prepare.py on any dataset or local files."""
+    ds = load_documents(dataset, files, text_column, num_proc, sample_by)
+    source = dataset or [os.path.abspath(f) for f in files]
+    train = ds["train"]
+    if len(train) < 2:
+        raise UserError(f"{source}: {len(train)} document(s); the train/val split needs at least 2")
+    split = train.train_test_split(test_size=test_size, seed=seed, shuffle=True)
+    split["val"] = split.pop("test")  # rename the test split to val
+    tokenized = split.map(
+        _tokenize_examples, fn_kwargs={"text_column": text_column}, remove_columns=split["train"].column_names,
+        desc="tokenizing the splits", num_proc=num_proc if num_proc and num_proc > 1 else None, batched=True,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    counts = {}
+    for name, dset in tokenized.items():
+        counts[name] = _write_memmap(os.path.join(out_dir, f"{name}.bin"), dset, total_batches)
+        if counts[name] < 2:
+            raise UserError(f"{source}: the {name} split has {counts[name]} tokens; give a longer corpus")
+    meta = dict(tokenizer="gpt2", vocab_size=gpt2_encoding().n_vocab, dtype="uint16", train_tokens=counts["train"],
+                val_tokens=counts["val"], source=source, eot_token=GPT2_EOT, test_size=test_size, seed=seed)
+    write_json(os.path.join(out_dir, "meta.json"), meta)
+    print(f"{out_dir}: train has {counts['train']:,} tokens, val has {counts['val']:,} tokens")
+    return meta
+
+
+def _write_memmap(path, dset, total_batches):
+    """Concatenates all ids into one uint16 memmap, one contiguous shard at a time (bounded memory)."""
+    arr_len = int(np.sum(dset["len"], dtype=np.uint64))
+    tmp = _atomic_tmp(path)
+    try:
+        arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(max(arr_len, 1),))
+        idx = 0
+        n_shards = max(1, min(total_batches, len(dset)))
+        for batch_idx in tqdm(range(n_shards), desc=f"writing {os.path.basename(path)}"):
+            batch = dset.shard(num_shards=n_shards, index=batch_idx, contiguous=True).with_format("numpy")
+            if len(batch) == 0:
+                continue
+            arr_batch = np.concatenate(list(batch["ids"])).astype(np.uint16)
+            arr[idx : idx + len(arr_batch)] = arr_batch
+            idx += len(arr_batch)
+        arr.flush()
+        del arr
+        if arr_len == 0:
+            os.truncate(tmp, 0)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return arr_len
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def build_parser(default_recipe=None, default_dataset=None):
+    p = argparse.ArgumentParser(prog="nanogpt-prepare", description="Prepare train.bin/val.bin/meta.json (nanoGPT layout).")
+    p.add_argument("recipe", nargs="?" if default_recipe else None, default=default_recipe,
+                   choices=["shakespeare_char", "shakespeare", "documents"],
+                   help="shakespeare_char | shakespeare | documents (any dataset or local files, OpenWebText recipe)")
+    p.add_argument("--out_dir", default=None, help="output folder (default: data/<recipe> or data/<dataset>)")
+    p.add_argument("--input", default=None, help="shakespeare recipes: a text file instead of Tiny Shakespeare")
+    p.add_argument("--dataset", default=default_dataset, help="documents: a datasets name (e.g. openwebtext)")
+    p.add_argument("--files", nargs="+", default=None, help="documents: local .txt/.jsonl/.parquet files instead")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--test_size", type=float, default=0.0005)
+    p.add_argument("--seed", type=int, default=2357)
+    p.add_argument("--sample_by", default="paragraph", choices=["line", "paragraph", "document"],
+                   help=".txt files: what one document is")
+    return p
+
+
+@cli_main
+def main(argv=None, default_recipe=None, default_dataset=None, default_out_dir=None):
+    args = build_parser(default_recipe, default_dataset).parse_args(argv)
+    out_dir = args.out_dir or default_out_dir or os.path.join("data", args.recipe if args.recipe != "documents"
+                                                              else (args.dataset or "documents").replace("/", "_"))
+    if args.recipe in ("shakespeare_char", "shakespeare"):
+        text, source = (read_text(args.input), os.path.abspath(args.input)) if args.input else (None, None)
+        fn = prepare_shakespeare_char if args.recipe == "shakespeare_char" else prepare_shakespeare
+        return fn(out_dir, text=text, source=source)
+    return prepare_documents(out_dir, dataset=None if args.files else args.dataset, files=args.files,
+                             text_column=args.text_column, num_proc=args.num_proc, test_size=args.test_size,
+                             seed=args.seed, sample_by=args.sample_by)
+
+
+if __name__ == "__main__":
+    main()
