@@ -34,20 +34,24 @@ def check_bin(data_dir, split, block_size):
 class MemmapBatches:
     """nanoGPT's get_batch: batch_size random windows of block_size + 1 tokens from a uint16 .bin file.
 
-    The window positions come from a private torch.Generator (seeded per rank), so they are reproducible and
-    resumable independently of any other random number use (dropout, sampling)."""
+    The window positions come from a private torch.Generator with the SAME seed on every rank: each call draws
+    the windows of all world_size ranks and keeps this rank's share. So the global sequence of micro-batches is
+    the same whatever the number of processes (a 2-process run sees exactly the tokens of a 1-process run with
+    twice the accumulation), and it is reproducible and resumable independently of dropout or sampling."""
 
-    def __init__(self, data_dir, split, block_size, batch_size, seed):
+    def __init__(self, data_dir, split, block_size, batch_size, seed, rank=0, world_size=1):
         read_meta(data_dir)  # a folder without meta.json was never completely prepared
         self.path = check_bin(data_dir, split, block_size)
         self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self):
         # recreate np.memmap every batch to avoid a memory leak, as per
         # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
         data = np.memmap(self.path, dtype=np.uint16, mode="r")
-        ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=self.generator)
+        ix = torch.randint(len(data) - self.block_size, (self.world_size * self.batch_size,), generator=self.generator)
+        ix = ix[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         windows = torch.stack([torch.from_numpy(data[i : i + self.block_size + 1].astype(np.int64)) for i in ix.tolist()])
         return windows[:, :-1], windows[:, 1:]  # (B, T) inputs, (B, T) targets
 

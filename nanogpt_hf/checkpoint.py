@@ -1,0 +1,217 @@
+"""Crash-safe training checkpoints without pickle.
+
+Layout of out_dir/checkpoints/ckpt-0000500/:
+  model/                       the HF model folder (config.json, model.safetensors, code) of the weights
+  optimizer.safetensors/.json  AdamW state: tensors in safetensors, the rest (param groups) in JSON
+  rank{r}.safetensors/.json    per-rank RNG streams (torch, CUDA, numpy, python) and data position
+  trainer_state.json           iteration, best val loss, tokens seen, config, tracker run ids
+  MANIFEST.json                every file above with its size and sha256; written last
+
+A checkpoint is assembled in a hidden temporary folder and renamed into place only once MANIFEST.json is
+written, so a crash at any point leaves either the previous set of checkpoints or a complete new one; a folder
+without a manifest is never picked for resume, and one whose files do not match their manifest is refused.
+Old checkpoints are deleted only after the new one is in place (keep_last newest plus the best by val loss).
+Everything is safetensors or JSON: nothing here unpickles, so a crafted file cannot run code.
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+__all__ = ["save_tree", "load_tree", "rng_state", "set_rng_state", "write_manifest", "verify_checkpoint",
+           "checkpoint_dirs", "latest_checkpoint", "prune_checkpoints", "fault_point", "CKPT_PREFIX"]
+
+CKPT_PREFIX = "ckpt-"
+MANIFEST = "MANIFEST.json"
+
+
+def fault_point(name):
+    """Test hook for the crash tests: NANOGPT_KILL_AT=name (or name@N for the N-th time) SIGKILLs this process
+    right here, exactly like a power cut or the OOM killer would. Does nothing unless the variable is set."""
+    target = os.environ.get("NANOGPT_KILL_AT")
+    if not target:
+        return
+    label, _, nth = target.partition("@")
+    if label != name:
+        return
+    count = fault_point.counts.get(name, 0) + 1
+    fault_point.counts[name] = count
+    if count == int(nth or 1) and int(os.environ.get("RANK", "0")) == int(os.environ.get("NANOGPT_KILL_RANK", "0")):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+fault_point.counts = {}
+
+
+# ------------------------------------------------------------------------------------ state <-> files
+def _split(obj, tensors, prefix):
+    """JSON skeleton of obj; tensors and arrays are moved into `tensors` under their path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, np.ndarray):
+        tensors[prefix] = torch.from_numpy(np.ascontiguousarray(obj))
+        return {"__ndarray__": prefix}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _split(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _split(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_split(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_split(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix} in a checkpoint")
+
+
+def _join(obj, tensors):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy()
+        if "__items__" in obj:
+            return {k: _join(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(_join(v, tensors) for v in obj["__tuple__"])
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+def save_tree(path_stem, obj):
+    """Writes obj (nested dicts/lists/tuples of tensors, arrays and JSON values) as STEM.safetensors + STEM.json."""
+    tensors = {}
+    skeleton = _split(obj, tensors, "t")
+    save_file(tensors, path_stem + ".safetensors")
+    with open(path_stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(skeleton, f)
+
+
+def load_tree(path_stem):
+    try:
+        tensors = load_file(path_stem + ".safetensors")
+        with open(path_stem + ".json", encoding="utf-8") as f:
+            skeleton = json.load(f)
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:
+        raise UserError(f"{path_stem}: unreadable checkpoint file ({e}); resume from another checkpoint") from e
+    return _join(skeleton, tensors)
+
+
+# ------------------------------------------------------------------------------------ RNG streams
+def rng_state():
+    py = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": [py[0], list(py[1]), py[2]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(tuple(state["numpy"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------ manifest
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder):
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != MANIFEST:
+                yield rel, path
+
+
+def write_manifest(folder):
+    """Lists every file with size and sha256, fsyncs them, then writes MANIFEST.json (the completion mark)."""
+    entries = {}
+    for rel, path in sorted(_files(folder)):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        entries[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    tmp = os.path.join(folder, MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"files": entries}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, MANIFEST))
+
+
+def verify_checkpoint(folder):
+    """Raises UserError unless every file listed in the manifest is present with its size and sha256."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        raise UserError(f"{folder} is incomplete (no {MANIFEST}): it was being written when the run stopped")
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path} is unreadable ({e}); resume from another checkpoint") from e
+    for rel, meta in entries.items():
+        file = os.path.join(folder, rel)
+        if not os.path.exists(file):
+            raise UserError(f"checkpoint {folder} is damaged: {rel} is missing; resume from another checkpoint")
+        if os.path.getsize(file) != meta["size"] or _sha256(file) != meta["sha256"]:
+            raise UserError(f"checkpoint {folder} is damaged: {rel} does not match its manifest (truncated or edited); "
+                            f"resume from another checkpoint")
+    return folder
+
+
+# ------------------------------------------------------------------------------------ finding, pruning
+def checkpoint_dirs(ckpt_root):
+    """Complete checkpoints (with a manifest), oldest first by iteration."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    found = []
+    for name in os.listdir(ckpt_root):
+        m = re.fullmatch(CKPT_PREFIX + r"(\d+)", name)
+        if m and os.path.exists(os.path.join(ckpt_root, name, MANIFEST)):
+            found.append((int(m.group(1)), os.path.join(ckpt_root, name)))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(ckpt_root):
+    dirs = checkpoint_dirs(ckpt_root)
+    return dirs[-1] if dirs else None
+
+
+def prune_checkpoints(ckpt_root, keep_last, best_dir=None):
+    """Deletes all but the keep_last newest complete checkpoints and the best one; also leftover temporaries."""
+    dirs = checkpoint_dirs(ckpt_root)
+    keep = set(dirs[-keep_last:]) if keep_last > 0 else set()
+    if best_dir:
+        keep.add(best_dir)
+    if dirs:
+        keep.add(dirs[-1])  # the newest always stays: it is what resume needs
+    for path in dirs:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(ckpt_root):
+        if name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
