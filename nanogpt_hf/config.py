@@ -24,7 +24,7 @@ DEFAULTS = dict(
     eval_iters=200,
     eval_only=False,  # if True, script exits right after the first eval
     always_save_checkpoint=True,  # if True, always save a checkpoint after each eval
-    init_from="scratch",  # 'scratch' | 'resume' | 'gpt2*' | a model folder | a hub id
+    init_from="scratch",  # 'scratch' | 'resume' | 'auto' (resume if out_dir has a checkpoint) | 'gpt2*' | folder | hub id
     resume_from="",  # init_from=resume: a checkpoint folder, an out_dir or a hub id (default: this out_dir)
     keep_last=2,  # checkpoints kept besides the best one
     # data
@@ -154,6 +154,11 @@ def _coerce(key, value, source):
     """value checked against the type of DEFAULTS[key] (ints are accepted for floats)."""
     default = DEFAULTS[key]
     expected = type(default)
+    if expected in (int, float) and isinstance(value, str):  # YAML 1.1 reads 6e-4 (no dot) as a string
+        try:
+            value = expected(value) if expected is float else int(value, 0)
+        except ValueError:
+            pass
     if expected is bool:
         ok = isinstance(value, bool)
     elif expected is float:

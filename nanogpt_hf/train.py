@@ -74,7 +74,11 @@ def make_accelerator(cfg):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda, but no CUDA GPU is visible; use device=auto or device=cpu")
     # cpu=True under a multi-process launcher gives real DDP over gloo (MULTI_CPU), see PLATFORM_NOTES
-    state = PartialState(cpu=not on_gpu)
+    _join_elastic_restart(on_gpu)
+    try:
+        state = PartialState(cpu=not on_gpu)
+    except ValueError as e:  # e.g. WORLD_SIZE set by hand without MASTER_ADDR
+        raise UserError(f"cannot join the process group: {str(e).splitlines()[0]} (launch with accelerate launch or torchrun)") from e
     world = state.num_processes
     _check_world_size(world)
     gas = cfg["gradient_accumulation_steps"]
@@ -89,6 +93,25 @@ def make_accelerator(cfg):
     for w in warnings:
         accelerator.print(f"warning: {w}")
     return accelerator
+
+
+def _join_elastic_restart(on_gpu):
+    """After a torchrun --max-restarts restart, the agent's store still holds the keys of the failed attempt and
+    the new workers hang connecting to dead peers (seen with gloo, torch 2.13). Join under a per-attempt prefix."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=datetime.timedelta(minutes=5))
+    dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.PrefixStore(f"nanogpt/attempt{attempt}/", store),
+                            rank=rank, world_size=world)
 
 
 def _check_world_size(world):
@@ -421,6 +444,9 @@ def train(cfg):
     world = accelerator.num_processes
 
     ckpt = ckpt_state = None
+    if cfg["init_from"] == "auto":  # torchrun --max-restarts: the same command resumes after a crash
+        found = latest_checkpoint(os.path.join(cfg["out_dir"], "checkpoints"))
+        cfg["init_from"] = "resume" if found else "scratch"
     if cfg["init_from"] == "resume":
         cfg, ckpt, ckpt_state = resume_config(cfg, log)
     with accelerator.main_process_first():  # reading (and in streaming, caching) the data once
