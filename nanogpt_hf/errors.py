@@ -15,6 +15,9 @@ def cli_main(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: noise around our own progress output
         try:
             return main(*args, **kwargs)
         except UserError as e:

@@ -7,8 +7,11 @@ generation_config.json: `AutoModelForCausalLM.from_pretrained(folder, trust_remo
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
+
+from safetensors import SafetensorError
 
 from .errors import UserError
 
@@ -60,8 +63,18 @@ def _is_model_folder(path):
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load_model(name_or_path, dropout=None, trust_remote_code=True, **overrides):
+def load_model(name_or_path, dropout=None, **overrides):
     """A NanoGPTForCausalLM from: gpt2* (OpenAI), a folder or hub id holding a NanoGPT or GPT-2 model."""
+    try:
+        return _load_model(name_or_path, dropout, **overrides)
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, KeyError, SafetensorError) as e:
+        # unreadable or corrupt weights (a truncated safetensors, a pickle where weights belong): no traceback
+        raise UserError(f"{name_or_path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+def _load_model(name_or_path, dropout, **overrides):
     from .modeling_nanogpt import NanoGPTForCausalLM
 
     if is_gpt2_name(name_or_path):
@@ -76,10 +89,7 @@ def load_model(name_or_path, dropout=None, trust_remote_code=True, **overrides):
     kwargs = dict(overrides)
     if dropout is not None:
         kwargs["dropout"] = dropout
-    try:
-        return NanoGPTForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{name_or_path}: cannot load the model ({str(e).splitlines()[0]})") from e
+    return NanoGPTForCausalLM.from_pretrained(name_or_path, **kwargs)
 
 
 def _model_type(name_or_path):

@@ -436,9 +436,6 @@ def init_trackers(accelerator, cfg, tracker_ids):
 
 # ------------------------------------------------------------------------------------------- the loop
 def train(cfg):
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint would bury the training bar
     accelerator = make_accelerator(cfg)
     log = accelerator.print
     world = accelerator.num_processes
