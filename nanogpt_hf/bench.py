@@ -1,0 +1,330 @@
+"""nanogpt-bench: speed of our model against transformers' GPT2LMHeadModel of the same shape, in the same run.
+
+    nanogpt-bench                                  # training step + generation at the default shapes
+    nanogpt-bench --what train --shapes quickstart,baby --compile --json bench.json
+    nanogpt-bench --what prepare --corpus_mb 200   # tokenization throughput and peak memory of prepare
+    nanogpt-bench --what startup                   # accelerate launch -> first training step (quickstart)
+
+Every figure is the median of --repeats timed runs after --warmup untimed ones; ours and the reference are
+interleaved run by run, so a machine whose speed drifts affects both alike. MFU uses nanoGPT's FLOP count
+(6N + 12LHQT per token) against the peak: a matmul rate measured in the same run on CPU, the data-sheet bf16
+peak on known GPUs, or --peak-flops.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from .errors import UserError, cli_main
+from .hardware import measured_matmul_flops, peak_flops
+
+__all__ = ["SHAPES", "main", "bench_train", "bench_generate"]
+
+# named shapes: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
+SHAPES = {
+    "quickstart": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),  # nanoGPT CPU
+    "baby": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=50304),  # baby GPT, BPE
+    "124M": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=4, vocab_size=50304),  # GPT-2 small
+}
+
+
+def _models(shape, device, dtype=torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .configuration_nanogpt import NanoGPTConfig
+    from .modeling_nanogpt import NanoGPTForCausalLM
+
+    torch.manual_seed(0)
+    ours = NanoGPTForCausalLM(NanoGPTConfig(vocab_size=shape["vocab_size"], block_size=shape["block_size"],
+                                            n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
+                                            bias=True, dropout=0.0))
+    ref = GPT2LMHeadModel(GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["block_size"],
+                                     n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+    return ours.to(device=device, dtype=dtype), ref.to(device=device, dtype=dtype)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _interleaved(fns, device, warmup, repeats):
+    """{name: [seconds per run]}: every function runs once per round, in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, device))
+    return times
+
+
+# ------------------------------------------------------------------------------------------ training step
+def _train_step_fn(model, ours, shape, device, autocast_dtype, fused):
+    B, T, V = shape["batch_size"], shape["block_size"], shape["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(V, (B, T + 1), generator=g).to(device)
+    params = [p for p in model.parameters()]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1e-4, fused=True) if fused else torch.optim.AdamW(groups, lr=1e-4)
+    model.train()
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+
+    def step():
+        with ctx:
+            if ours:
+                loss = model(x[:, :-1], shift_labels=x[:, 1:], use_cache=False).loss
+            else:
+                loss = model(input_ids=x[:, :-1], labels=x[:, :-1], use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_train(shape_name, device, peak, warmup=2, repeats=5, compile_=False, dtype="float32"):
+    shape = SHAPES[shape_name]
+    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ours, ref = _models(shape, device)
+    flops_per_iter = ours.flops_per_token(shape["block_size"]) * shape["batch_size"] * shape["block_size"]
+    if compile_:
+        ours, ref = torch.compile(ours), torch.compile(ref)
+    fns = {"nanogpt_hf": _train_step_fn(ours, True, shape, device, autocast_dtype, fused=True),
+           "GPT2LMHeadModel": _train_step_fn(ref, False, shape, device, autocast_dtype, fused=False)}
+    times = _interleaved(fns, device, warmup, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = shape["batch_size"] * shape["block_size"]
+    return {
+        "what": "train_step", "shape": shape_name, "dtype": dtype, "compile": compile_, **shape,
+        "ms_per_step": {k: v * 1000 for k, v in med.items()},
+        "tokens_per_s": {k: tokens / v for k, v in med.items()},
+        "mfu": {k: flops_per_iter / v / peak for k, v in med.items()},
+        "speedup_vs_GPT2LMHeadModel": med["GPT2LMHeadModel"] / med["nanogpt_hf"],
+    }
+
+
+# ------------------------------------------------------------------------------------------ generation
+@torch.no_grad()
+def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, warmup=1, repeats=3):
+    shape = dict(SHAPES[shape_name], block_size=1024)
+    ours, ref = _models(shape, device)
+    ours.eval(), ref.eval()
+    prompt = torch.randint(shape["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    fns = {
+        "nanogpt_hf_kv_cache": lambda: ours.generate(prompt, use_cache=True, **kw),
+        "nanogpt_hf_recompute": lambda: ours.generate(prompt, new_tokens, top_k=1),  # nanoGPT's loop, no cache
+        "GPT2LMHeadModel_kv_cache": lambda: ref.generate(prompt, use_cache=True, **kw),
+        "nanogpt_hf_first_token": lambda: ours(prompt, use_cache=True, logits_to_keep=1),
+        "GPT2LMHeadModel_first_token": lambda: ref(prompt, use_cache=True, logits_to_keep=1),
+    }
+    times = _interleaved(fns, device, warmup, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tps = {k: new_tokens / v for k, v in med.items() if not k.endswith("first_token")}
+    return {
+        "what": "generate", "shape": shape_name, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1,
+        "tokens_per_s": tps,
+        "time_to_first_token_ms": {k.replace("_first_token", ""): v * 1000 for k, v in med.items() if k.endswith("first_token")},
+        "kv_cache_vs_recompute": tps["nanogpt_hf_kv_cache"] / tps["nanogpt_hf_recompute"],
+        "kv_cache_vs_GPT2LMHeadModel": tps["nanogpt_hf_kv_cache"] / tps["GPT2LMHeadModel_kv_cache"],
+    }
+
+
+# ------------------------------------------------------------------------------------------ prepare, startup
+def _synthetic_corpus(path, megabytes):
+    """Tiny Shakespeare paragraphs, repeated and shuffled, to `megabytes` of text."""
+    import random
+
+    from .tokenization import ASSETS
+
+    paragraphs = open(os.path.join(ASSETS, "tinyshakespeare", "input.txt"), encoding="utf-8").read().split("\n\n")
+    rng = random.Random(0)
+    written = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < megabytes * 1e6:
+            chunk = "\n\n".join(rng.sample(paragraphs, len(paragraphs))) + "\n\n"
+            f.write(chunk)
+            written += len(chunk.encode("utf-8"))
+    return written
+
+
+def bench_prepare(corpus_mb=200, num_proc=2):
+    """Wall time, MB/s and peak RSS of a real `nanogpt-prepare documents` run in a child process."""
+    from .prepare import tokenize_batch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        n_bytes = _synthetic_corpus(corpus, corpus_mb)
+        sample = open(corpus, encoding="utf-8").read(20_000_000).split("\n\n")
+        t0 = time.perf_counter()
+        tokenize_batch(sample)
+        raw_mb_s = sum(len(s.encode("utf-8")) for s in sample) / 1e6 / (time.perf_counter() - t0)
+        cmd = [sys.executable, "-c",
+               "import resource, sys, time; from nanogpt_hf.prepare import main; t = time.perf_counter();\n"
+               "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+               "print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+               "documents", "--files", corpus, "--out_dir", os.path.join(tmp, "out"), "--num_proc", str(num_proc)]
+        env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(tmp, "cache")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+        if not line:
+            raise UserError(f"the prepare run failed: {proc.stderr[-500:]}")
+        seconds, max_rss_kb = float(line[0].split()[1]), int(line[0].split()[2])
+    return {"what": "prepare", "corpus_mb": n_bytes / 1e6, "num_proc": num_proc, "seconds": seconds,
+            "end_to_end_mb_per_s": n_bytes / 1e6 / seconds, "tokenize_mb_per_s": raw_mb_s,
+            "peak_rss_mb": max_rss_kb / 1024}
+
+
+def bench_startup(repo_root):
+    """Seconds from `accelerate launch` to the first logged training step of the CPU quickstart config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out")
+        subprocess.run([sys.executable, os.path.join(repo_root, "data", "shakespeare_char", "prepare.py")],
+                       capture_output=True, check=True)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(repo_root, "accelerate_configs", "cpu.yaml"), os.path.join(repo_root, "train_accelerate.py"),
+               "--config", "train_shakespeare_char_cpu", f"--out_dir={out}", "--max_iters=3",
+               f"--data_dir={os.path.join(repo_root, 'data', 'shakespeare_char')}"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo_root)
+        log = os.path.join(out, "log.jsonl")
+        first = None
+        while proc.poll() is None or first is None:
+            if os.path.exists(log) and any('"train/loss"' in ln for ln in open(log)):
+                first = time.perf_counter() - t0
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        proc.wait()
+    if first is None:
+        raise UserError("the quickstart start-up run failed")
+    return {"what": "startup", "seconds_to_first_step": first}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _print(result):
+    what = result["what"]
+    if what == "train_step":
+        ms, mfu = result["ms_per_step"], result["mfu"]
+        print(f"train {result['shape']:<10} {result['dtype']:<8} compile={result['compile']!s:<5} | "
+              f"ours {ms['nanogpt_hf']:8.1f} ms ({mfu['nanogpt_hf'] * 100:5.1f}% MFU) | GPT2LMHeadModel "
+              f"{ms['GPT2LMHeadModel']:8.1f} ms ({mfu['GPT2LMHeadModel'] * 100:5.1f}% MFU) | "
+              f"speed-up x{result['speedup_vs_GPT2LMHeadModel']:.2f}")
+    elif what == "generate":
+        t = result["tokens_per_s"]
+        print(f"generate {result['shape']} batch 1, {result['new_tokens']} new tokens | KV cache {t['nanogpt_hf_kv_cache']:.0f} tok/s, "
+              f"recompute {t['nanogpt_hf_recompute']:.0f} tok/s (x{result['kv_cache_vs_recompute']:.2f}), "
+              f"GPT2LMHeadModel {t['GPT2LMHeadModel_kv_cache']:.0f} tok/s (x{result['kv_cache_vs_GPT2LMHeadModel']:.2f}) | "
+              f"first token {result['time_to_first_token_ms']['nanogpt_hf']:.1f} ms vs "
+              f"{result['time_to_first_token_ms']['GPT2LMHeadModel']:.1f} ms")
+    elif what == "prepare":
+        print(f"prepare {result['corpus_mb']:.0f} MB, num_proc {result['num_proc']} | {result['seconds']:.1f} s, "
+              f"{result['end_to_end_mb_per_s']:.1f} MB/s end to end, tokenizer {result['tokenize_mb_per_s']:.1f} MB/s | "
+              f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    elif what == "startup":
+        print(f"startup: accelerate launch -> first training step {result['seconds_to_first_step']:.2f} s")
+    elif what == "peak":
+        print(f"peak: {result['flops'] / 1e9:.0f} GFLOP/s ({result['source']})")
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="nanogpt-bench", description=__doc__.splitlines()[0])
+    p.add_argument("--what", default="train,generate", help="comma list of: train, generate, prepare, startup")
+    p.add_argument("--shapes", default=None, help=f"training shapes, comma list of {', '.join(SHAPES)} "
+                                                   f"(default: quickstart,baby on CPU, all on GPU)")
+    p.add_argument("--dtypes", default="auto", help="float32, bfloat16, float16 (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-flops", "--peak_flops", dest="peak_flops", type=float, default=None)
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--corpus_mb", type=float, default=200)
+    p.add_argument("--num_proc", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--profile", default=None, help="write a torch profiler trace of one training step here")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    whats = args.what.split(",")
+    unknown = set(whats) - {"train", "generate", "prepare", "startup"}
+    if unknown:
+        raise UserError(f"--what: unknown {', '.join(sorted(unknown))}; choose from train, generate, prepare, startup")
+    shapes = (args.shapes or ("quickstart,baby" if device.type == "cpu" else ",".join(SHAPES))).split(",")
+    if set(shapes) - set(SHAPES):
+        raise UserError(f"--shapes: unknown {', '.join(sorted(set(shapes) - set(SHAPES)))}; choose from {', '.join(SHAPES)}")
+    dtypes = (["float32"] if device.type == "cpu" else ["bfloat16"]) if args.dtypes == "auto" else args.dtypes.split(",")
+    results = [{"what": "machine", "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "date": time.strftime("%Y-%m-%d")}]
+    if "train" in whats or "generate" in whats:
+        peak = peak_flops(device, args.peak_flops)
+        source = "--peak-flops" if args.peak_flops else ("data sheet" if device.type == "cuda" else "measured fp32 matmul 2048^3")
+        results.append({"what": "peak", "flops": peak, "source": source})
+        _print(results[-1])
+    if "train" in whats:
+        for shape in shapes:
+            for dtype in dtypes:
+                for compiled in ([False, True] if args.compile else [False]):
+                    results.append(bench_train(shape, device, peak, args.warmup, args.repeats, compiled, dtype))
+                    _print(results[-1])
+        if device.type == "cpu":  # the matmul rate drifts on a shared machine: measure it again after
+            results.append({"what": "peak", "flops": measured_matmul_flops(), "source": "re-measured after training"})
+            _print(results[-1])
+    if "generate" in whats:
+        results.append(bench_generate(device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                      warmup=1, repeats=max(1, args.repeats // 2)))
+        _print(results[-1])
+    if "prepare" in whats:
+        results.append(bench_prepare(args.corpus_mb, args.num_proc))
+        _print(results[-1])
+    if "startup" in whats:
+        results.append(bench_startup(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        _print(results[-1])
+    if args.profile:
+        _profile(shapes[0], device, args.profile)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def _profile(shape_name, device, path):
+    from torch.profiler import ProfilerActivity, profile
+
+    ours, _ = _models(SHAPES[shape_name], device)
+    step = _train_step_fn(ours, True, SHAPES[shape_name], device, None, fused=True)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        step()
+    prof.export_chrome_trace(path)
+    print(f"profiler trace: {path} (open in chrome://tracing or https://ui.perfetto.dev)")
+
+
+if __name__ == "__main__":
+    main()

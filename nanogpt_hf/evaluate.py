@@ -1,0 +1,236 @@
+"""nanogpt-eval: loss and perplexity of any model on a prepared split, a text file or a dataset; multiple choice
+in HellaSwag's format. Deterministic: a full pass in block_size windows, not random batches.
+
+    nanogpt-eval --init_from out-shakespeare-char --dataset shakespeare_char
+    nanogpt-eval --init_from gpt2 --dataset openwebtext --batch_size 8
+    accelerate launch --config_file accelerate_configs/cpu_ddp.yaml -m nanogpt_hf.evaluate --init_from gpt2 --text_file a.txt
+    nanogpt-eval --init_from gpt2 --multiple_choice hellaswag_val.jsonl
+
+Windows: the token stream is cut into consecutive windows of block_size + 1 tokens that overlap by one token, so
+every token after the first is predicted exactly once, with up to block_size tokens of context. Under
+`accelerate launch` the windows are dealt out across processes and the sums reduced.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .errors import UserError, cli_main
+from .model_io import load_model_and_tokenizer
+from .prepare import read_meta
+
+__all__ = ["main", "evaluate_tokens", "score_multiple_choice", "write_model_card_results"]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="nanogpt-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--init_from", required=True, help="an out_dir / model folder, a hub id, or gpt2*")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="a prepared dataset: data/<name> (train.bin/val.bin/meta.json)")
+    src.add_argument("--data_dir", help="a prepared dataset folder")
+    src.add_argument("--text_file", help="a UTF-8 text file, tokenized with the model's tokenizer")
+    src.add_argument("--hf_dataset", help="a datasets name or local .jsonl/.parquet files (comma-separated)")
+    src.add_argument("--multiple_choice", help="a HellaSwag-format .jsonl: ctx, endings (4), label")
+    p.add_argument("--split", default="val", help="prepared datasets: train | val; --hf_dataset: its split name")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--block_size", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--output", default=None, help="write the result as JSON here")
+    p.add_argument("--model_card", action="store_true", help="add the result to the model folder's README.md")
+    p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even where a GPU exists")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ loss / ppl
+def _windows(n_tokens, block_size):
+    """(start, length) of windows of up to block_size + 1 tokens overlapping by one: each target once."""
+    return [(s, min(block_size + 1, n_tokens - s)) for s in range(0, n_tokens - 1, block_size)]
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokens, block_size, batch_size, accelerator=None):
+    """{'loss', 'perplexity', 'tokens'} of a 1-D token array: summed NLL over every predicted token / their count."""
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    windows = _windows(len(tokens), block_size)[rank::world]
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    windows.sort(key=lambda w: w[1])  # only the last window can be shorter: equal lengths batch together
+    for length, same in itertools.groupby(windows, key=lambda w: w[1]):
+        same = list(same)
+        for i in range(0, len(same), batch_size):
+            starts = [s for s, _ in same[i : i + batch_size]]
+            batch = torch.stack([torch.from_numpy(np.asarray(tokens[s : s + length], dtype=np.int64)) for s in starts])
+            batch = batch.to(device)  # (B, length)
+            logits = model(batch[:, :-1], use_cache=False).logits.float()  # (B, length - 1, vocab)
+            nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum").double()
+            count += batch[:, 1:].numel()
+    if accelerator:
+        nll, count = accelerator.reduce(nll, "sum"), accelerator.reduce(count, "sum")
+    loss = (nll / count).item()
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count.item())}
+
+
+def _load_tokens(args, tokenizer):
+    if args.dataset or args.data_dir:
+        data_dir = args.data_dir or os.path.join("data", args.dataset)
+        meta = read_meta(data_dir)
+        path = os.path.join(data_dir, f"{args.split}.bin")
+        if not os.path.exists(path):
+            raise UserError(f"{path} does not exist: --split is train or val")
+        _check_tokenizer(meta, tokenizer, data_dir)
+        return np.memmap(path, dtype=np.uint16, mode="r"), f"{data_dir}/{args.split}.bin"
+    if args.text_file:
+        from .prepare import read_text
+
+        return np.asarray(_encode(tokenizer, read_text(args.text_file)), dtype=np.int64), args.text_file
+    from .prepare import load_documents
+
+    files = [f for f in args.hf_dataset.split(",") if os.path.exists(f)]
+    ds = load_documents(None if files else args.hf_dataset, files or None, args.text_column)
+    if args.split not in ds:
+        raise UserError(f"{args.hf_dataset}: no split {args.split!r} (splits: {', '.join(ds)})")
+    eot = tokenizer.eos_token_id
+    ids = []
+    for text in ds[args.split][args.text_column]:
+        ids += _encode(tokenizer, text) + ([eot] if eot is not None else [])
+    return np.asarray(ids, dtype=np.int64), args.hf_dataset
+
+
+def _encode(tokenizer, text):
+    if type(tokenizer).__name__ != "NanoGPTCharTokenizer":
+        from .tokenization import gpt2_encoding
+
+        return gpt2_encoding().encode_ordinary(text)  # the same ids as the HF tokenizer, 4-11x faster
+    try:
+        return tokenizer.encode(text, add_special_tokens=False)
+    except ValueError as e:
+        raise UserError(f"the text cannot be encoded with the model's tokenizer: {e}") from e
+
+
+def _check_tokenizer(meta, tokenizer, data_dir):
+    kind = "char" if type(tokenizer).__name__ == "NanoGPTCharTokenizer" else "gpt2"
+    if meta.get("tokenizer") != kind:
+        raise UserError(f"{data_dir} was prepared with the {meta.get('tokenizer')} tokenizer but the model uses {kind}: "
+                        f"evaluate on data prepared for this model")
+    if kind == "char" and [meta["itos"][str(i)] for i in range(meta["vocab_size"])] != \
+            [tokenizer.itos[i] for i in range(tokenizer.vocab_size)]:
+        raise UserError(f"{data_dir} has a different character vocabulary than the model")
+
+
+# ------------------------------------------------------------------------------------------ multiple choice
+def _read_mc(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                ctx, endings, label = ex["ctx"], ex["endings"], int(ex["label"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{path}:{n}: expected JSON with ctx, endings and label ({e})") from e
+            if not endings or not 0 <= label < len(endings):
+                raise UserError(f"{path}:{n}: label {label} does not index the {len(endings)} endings")
+            examples.append((ctx, endings, label))
+    if not examples:
+        raise UserError(f"{path} holds no examples")
+    return examples
+
+
+@torch.no_grad()
+def score_multiple_choice(model, tokenizer, examples):
+    """acc: argmax of the endings' summed log-likelihood; acc_norm: the same divided by the ending's length in
+    bytes (lm-evaluation-harness's definitions for HellaSwag). Endings are scored after ' ' + ending."""
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    correct = correct_norm = 0
+    predictions = []
+    for ctx, endings, label in examples:
+        ctx_ids = _encode(tokenizer, ctx)
+        scores, norms = [], []
+        for ending in endings:
+            end_ids = _encode(tokenizer, " " + ending)
+            ids = (ctx_ids + end_ids)[-(block + 1) :]
+            x = torch.tensor([ids], device=device)
+            logprobs = F.log_softmax(model(x[:, :-1], use_cache=False).logits.float(), dim=-1)
+            targets = x[:, 1:]
+            token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[0]
+            total = token_lp[-len(end_ids) :].sum().item()
+            scores.append(total)
+            norms.append(total / len((" " + ending).encode("utf-8")))
+        pred, pred_norm = int(np.argmax(scores)), int(np.argmax(norms))
+        correct += pred == label
+        correct_norm += pred_norm == label
+        predictions.append({"pred": pred, "pred_norm": pred_norm, "label": label, "scores": scores})
+    n = len(examples)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "examples": n, "predictions": predictions}
+
+
+# ------------------------------------------------------------------------------------------ model card
+def write_model_card_results(folder, title, result):
+    """Appends (or replaces) an evaluation section in the folder's README.md."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--model_card needs a local model folder, not {folder}")
+    path = os.path.join(folder, "README.md")
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else f"# {os.path.basename(os.path.abspath(folder))}\n"
+    marker = f"<!-- nanogpt-eval: {title} -->"
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                     for k, v in result.items() if k != "predictions")
+    section = f"{marker}\n### Evaluation: {title}\n\n| metric | value |\n|---|---|\n{rows}\n{marker}\n"
+    if marker in text:
+        start, end = text.index(marker), text.rindex(marker) + len(marker) + 1
+        text = text[:start] + section + text[end:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+@cli_main
+def main(argv=None):
+    from accelerate import Accelerator
+
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
+    model, tokenizer = load_model_and_tokenizer(args.init_from)
+    model.eval().to(accelerator.device)
+    if args.multiple_choice:
+        result = score_multiple_choice(model, tokenizer, _read_mc(args.multiple_choice))
+        title = f"multiple choice on {os.path.basename(args.multiple_choice)}"
+        accelerator.print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
+    else:
+        block_size = args.block_size or model.config.block_size
+        if not 0 < block_size <= model.config.block_size:
+            raise UserError(f"--block_size must be in [1, {model.config.block_size}] for this model")
+        tokens, source = _load_tokens(args, tokenizer)
+        tokens = tokens[: args.max_tokens] if args.max_tokens else tokens
+        if len(tokens) < 2:
+            raise UserError(f"{source} has {len(tokens)} tokens: nothing to evaluate")
+        result = {"model": args.init_from, "data": source, "block_size": block_size,
+                  **evaluate_tokens(model, tokens, block_size, args.batch_size, accelerator)}
+        title = f"{os.path.basename(source)} (block {block_size})"
+        accelerator.print(json.dumps(result))
+    if accelerator.is_main_process:
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+        if args.model_card:
+            write_model_card_results(args.init_from, title, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""nanogpt-sample, nanogpt-eval, nanogpt-bench, nanogpt-plot: flags, determinism, references, errors."""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, assert_cli_error, run_cli, tiny_model
+from test_train import char_data, train_args  # noqa: F401 - session fixture
+from torch.nn import functional as F
+
+from nanogpt_hf.evaluate import main as eval_main
+from nanogpt_hf.model_io import save_model_folder
+from nanogpt_hf.sample import build_parser, generate_samples
+from nanogpt_hf.sample import main as sample_main
+from nanogpt_hf.tokenization import gpt2_hf_tokenizer
+from nanogpt_hf.train import main as train_main
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory, char_data):
+    out = tmp_path_factory.mktemp("run") / "out"
+    train_main(train_args(out, char_data, "--max_iters=6", "--eval_interval=3"))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def eot_model(tmp_path_factory):
+    """A tiny BPE model that always predicts <|endoftext|> (its final hidden state points at EOT's embedding)."""
+    folder = tmp_path_factory.mktemp("eot")
+    model = tiny_model(vocab_size=50304, block_size=64, bias=True)
+    with torch.no_grad():
+        direction = torch.randn(32)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        model.transformer.wte.weight[50256] = 50 * direction
+    save_model_folder(model, gpt2_hf_tokenizer(64), str(folder))
+    return str(folder)
+
+
+def _args(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+def test_sample_is_deterministic_streams_and_runs_past_block_size(char_run, capsys):
+    args = ("--out_dir", char_run, "--start", "ROMEO:", "--num_samples", "2", "--max_new_tokens", "80", "--seed", "7")
+    a = generate_samples(_args(*args))
+    b = generate_samples(_args(*args))
+    assert a == b and len(a) == 2 and a[0] != a[1]  # same seed, same output; two different samples
+    assert all(s.startswith("ROMEO:") and len(s) == 6 + 80 for s in a)  # 86 chars > block_size 32
+    assert generate_samples(_args(*args[:-1], "8")) != a
+    capsys.readouterr()
+    sample_main(list(args))  # streamed to the terminal token by token: the same text
+    streamed = capsys.readouterr().out
+    assert streamed == "".join(s + "\n---------------\n" for s in a)
+    top_p = generate_samples(_args(*args, "--top_p", "0.5", "--top_k", "0"))
+    assert len(top_p) == 2 and top_p != a
+
+
+def test_sample_prompt_from_file(char_run, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("JULIET:\n")
+    out = generate_samples(_args("--out_dir", char_run, "--start", f"FILE:{prompt}", "--num_samples", "1",
+                                 "--max_new_tokens", "5"))
+    assert out[0].startswith("JULIET:\n")
+
+
+def test_sample_stops_at_eot_and_never_prints_it(eot_model, capsys):
+    stopped = generate_samples(_args("--init_from", eot_model, "--start", "Hello", "--num_samples", "1",
+                                     "--max_new_tokens", "20", "--stop_at_eot"))
+    assert stopped == ["Hello"]
+    capsys.readouterr()
+    sample_main(["--init_from", eot_model, "--start", "Hello", "--num_samples", "1", "--max_new_tokens", "20"])
+    assert "<|endoftext|>" not in capsys.readouterr().out  # 20 EOT tokens generated, none printed raw
+
+
+def _reference_loss(model, tokens, block):
+    """The same windows, scored by transformers' GPT2LMHeadModel (to_gpt2), one window at a time."""
+    gpt2 = model.to_gpt2().eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(tokens) - 1, block):
+            w = torch.tensor(np.asarray(tokens[s:s + block + 1], dtype=np.int64))[None]
+            logits = gpt2(w[:, :-1]).logits
+            nll += F.cross_entropy(logits[0], w[0, 1:], reduction="sum").item()
+            count += w.size(1) - 1
+    return nll / count, count
+
+
+def test_eval_full_pass_matches_gpt2_reference_and_ddp(char_run, char_data, tmp_path):
+    from nanogpt_hf import NanoGPTForCausalLM
+
+    out = tmp_path / "res.json"
+    result = eval_main(["--init_from", char_run, "--data_dir", char_data, "--max_tokens", "5000", "--batch_size", "7",
+                        "--output", str(out), "--model_card"])
+    model = NanoGPTForCausalLM.from_pretrained(char_run).eval()
+    tokens = np.memmap(os.path.join(char_data, "val.bin"), dtype=np.uint16, mode="r")[:5000]
+    ref_loss, ref_count = _reference_loss(model, tokens, 32)
+    assert result["tokens"] == ref_count == 4999  # every token after the first predicted exactly once
+    assert result["loss"] == pytest.approx(ref_loss, abs=1e-5)
+    assert json.load(open(out))["perplexity"] == pytest.approx(np.exp(ref_loss), rel=1e-5)
+    assert "### Evaluation: val.bin (block 32)" in open(os.path.join(char_run, "README.md")).read()
+    # split across two processes under accelerate launch: the same numbers
+    proc = run_cli(["accelerate", "launch", "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp.yaml"),
+                    "-m", "nanogpt_hf.evaluate", "--init_from", char_run, "--data_dir", char_data, "--max_tokens", "5000",
+                    "--batch_size", "7"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ddp = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][0])
+    assert ddp["tokens"] == 4999 and ddp["loss"] == pytest.approx(ref_loss, abs=1e-5)
+
+
+def test_multiple_choice_in_hellaswag_format(char_run, tmp_path):
+    from nanogpt_hf import NanoGPTForCausalLM
+
+    folder = tmp_path / "model"
+    shutil.copytree(char_run, folder)
+    model = NanoGPTForCausalLM.from_pretrained(folder)
+    tok = __import__("nanogpt_hf").NanoGPTCharTokenizer.from_pretrained(folder)
+    with torch.no_grad():  # make 'e' overwhelmingly likely after anything: the answer is known
+        direction = torch.randn(32)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.wte.weight[tok.stoi["e"]] = 30 * direction
+        if model.transformer.ln_f.bias is None:
+            model.transformer.ln_f.bias = torch.nn.Parameter(direction)
+            model.config.bias = True
+    model.save_pretrained(folder)
+    data = tmp_path / "hs.jsonl"
+    rows = [{"ctx": "The cat", "endings": ["sat on", "eeeeee", "ran to", "is big"], "label": 1},
+            {"ctx": "Then", "endings": ["eee", "thou art", "we go", "no"], "label": 0},
+            {"ctx": "And", "endings": ["my lord", "good", "ee", "oh!"], "label": 0}]  # this one is answered wrong
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = eval_main(["--init_from", str(folder), "--multiple_choice", str(data)])
+    assert [p["pred"] for p in result["predictions"]] == [1, 0, 2]
+    assert result["acc"] == pytest.approx(2 / 3) and result["acc_norm"] == pytest.approx(2 / 3)
+
+
+def test_eval_errors(char_run, char_data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ctx": "a", "endings": ["b"], "label": 3}\n')
+    cases = [
+        (["--init_from", char_run, "--multiple_choice", str(bad)], "label 3 does not index the 1 endings"),
+        (["--init_from", str(tmp_path / "none"), "--data_dir", char_data], "no such model folder"),
+        (["--init_from", char_run, "--data_dir", str(tmp_path / "nodata")], "does not exist"),
+        (["--init_from", char_run, "--data_dir", char_data, "--block_size", "999"], "--block_size must be in [1, 32]"),
+    ]
+    for argv, message in cases:
+        assert_cli_error(eval_main, argv, message, capsys)
+
+
+def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli([sys.executable, "-m", "nanogpt_hf.bench", "--what", "train,generate", "--shapes", "quickstart",
+                    "--repeats", "1", "--warmup", "0", "--new_tokens", "4", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "speed-up x" in proc.stdout and "KV cache" in proc.stdout
+    results = {r["what"]: r for r in json.load(open(out))}
+    train = results["train_step"]
+    assert train["speedup_vs_GPT2LMHeadModel"] == pytest.approx(
+        train["ms_per_step"]["GPT2LMHeadModel"] / train["ms_per_step"]["nanogpt_hf"])
+    assert 0 < train["mfu"]["nanogpt_hf"] < 1 and results["peak"]["flops"] > 1e9
+    assert results["generate"]["new_tokens"] == 4
+
+
+def test_plot_writes_a_png(char_run):
+    proc = run_cli([sys.executable, "-m", "nanogpt_hf.plot", char_run])
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(char_run, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
