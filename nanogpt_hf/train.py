@@ -424,9 +424,9 @@ def init_trackers(accelerator, cfg, tracker_ids):
     init_kwargs = {}
     if any(getattr(t, "value", t) == "wandb" for t in accelerator.log_with):
         if "wandb" not in ids:
-            import wandb
+            import secrets
 
-            ids["wandb"] = wandb.util.generate_id()
+            ids["wandb"] = secrets.token_hex(4)  # W&B run ids: lowercase letters and digits
         # the same id + resume="allow": a resumed run continues the same W&B run
         init_kwargs["wandb"] = {"name": cfg["wandb_run_name"], "id": ids["wandb"], "resume": "allow", "dir": cfg["out_dir"]}
     public = {k: v for k, v in cfg.items() if not k.startswith("_") and not isinstance(v, list)}

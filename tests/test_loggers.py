@@ -1,0 +1,85 @@
+"""Loggers for real: W&B in offline mode (its binary run file read back here), TensorBoard event files, and the
+JSONL log they are compared with; a resumed run continues the same W&B run."""
+
+import glob
+import json
+import math
+import os
+import struct
+
+import pytest
+from conftest import run_cli
+from test_train import TRAIN, char_data, read_log, train_args  # noqa: F401 - session fixture
+
+
+def read_wandb_records(path):
+    """Records of a W&B run file: a 7-byte header (':W&B', magic, version), then LevelDB-log framing (32 KiB blocks,
+    7-byte record headers: crc32c, length, type FULL/FIRST/MIDDLE/LAST) around wandb_internal_pb2.Record protos."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, block, pending, out = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            out.append(pending + chunk)
+    return [Record.FromString(b) for b in out]
+
+
+def wandb_history(run_file):
+    rows = {}
+    for record in read_wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            rows.setdefault(items.get("_step"), {}).update(items)
+    return rows
+
+
+def test_wandb_offline_and_tensorboard_log_what_the_jsonl_log_has(tmp_path, char_data):
+    out = tmp_path / "out"
+    args = train_args(out, char_data, "--max_iters=8", "--eval_interval=4", "--wandb_log=true", "--loggers=tensorboard",
+                      "--wandb_project=nanogpt-test", "--wandb_run_name=offline-check", "--always_save_checkpoint=true")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = run_cli(["python", TRAIN, *args], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jsonl = read_log(out)
+    run_files = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(run_files) == 1
+    history = wandb_history(run_files[0])
+    for record in jsonl:  # every value of the JSONL log is in W&B at the same step
+        logged = history[record["iter"]]
+        for key, value in record.items():
+            if key != "iter":
+                assert logged[key] == pytest.approx(value, rel=1e-6), (record["iter"], key)
+    assert history[4]["val/perplexity"] == pytest.approx(math.exp(history[4]["val/loss"]))
+    config = [r.config for r in read_wandb_records(run_files[0]) if r.WhichOneof("record_type") == "config"]
+    keys = {item.key: json.loads(item.value_json) for c in config for item in c.update}
+    assert keys["n_layer"] == 2 and keys["wandb_run_name"] == "offline-check"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb_files = glob.glob(str(out / "nanogpt-test" / "events.out.tfevents.*"))
+    acc = EventAccumulator(tb_files[0])
+    acc.Reload()
+    tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert tb_loss == pytest.approx({r["iter"]: r["train/loss"] for r in jsonl if "train/loss" in r}, rel=1e-6)
+
+    # resuming continues the SAME W&B run (its id is stored in the checkpoint), instead of starting a new one
+    resumed = run_cli(["python", TRAIN, *args, "--init_from=resume", "--max_iters=10"], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_ids = sorted(os.path.basename(p).split("-")[-1] for p in glob.glob(str(out / "wandb" / "offline-run-*")))
+    assert len(run_ids) == 2 and run_ids[0] == run_ids[1]
+    state = json.load(open(sorted(glob.glob(str(out / "checkpoints" / "ckpt-*" / "trainer_state.json")))[-1]))
+    assert state["tracker_ids"]["wandb"] == run_ids[0]
