@@ -110,8 +110,8 @@ def to_gpt2_model(model):
             embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout,
             layer_norm_epsilon=cfg.layer_norm_epsilon,
-            bos_token_id=cfg.bos_token_id if cfg.bos_token_id is not None else 50256,
-            eos_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else 50256,
+            bos_token_id=cfg.bos_token_id,  # None for a character model: GPT-2's 50256 would be out of its vocabulary
+            eos_token_id=cfg.eos_token_id,
             tie_word_embeddings=True,
         )
     )

@@ -1,0 +1,33 @@
+"""nanogpt-export SRC DEST: write the vanilla transformers GPT2LMHeadModel folder of any checkpoint (an out_dir,
+a model folder, a hub id), with the GPT-2 tokenizer where the model uses GPT-2 BPE. Loads with no remote code."""
+
+import argparse
+import os
+
+from .errors import UserError, cli_main
+from .model_io import load_model_and_tokenizer
+
+__all__ = ["main", "export_gpt2"]
+
+
+def export_gpt2(source, dest):
+    model, tokenizer = load_model_and_tokenizer(source)
+    if os.path.exists(dest) and os.listdir(dest):
+        raise UserError(f"{dest} exists and is not empty: choose a new folder (nothing was overwritten)")
+    gpt2 = model.to_gpt2()
+    gpt2.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="nanogpt-export", description=__doc__)
+    p.add_argument("source", help="an out_dir, a model folder, or a hub id")
+    p.add_argument("dest", help="a new folder for the GPT2LMHeadModel")
+    args = p.parse_args(argv)
+    print(f"wrote {export_gpt2(args.source, args.dest)} (GPT2LMHeadModel)")
+
+
+if __name__ == "__main__":
+    main()
