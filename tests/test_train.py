@@ -214,3 +214,9 @@ def test_seed_style_config_path_and_name(tmp_path, char_data):
                     "--max_iters=2", "--eval_interval=1", f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "world size 1" in proc.stdout
+
+
+def test_unsupported_precision_falls_back_with_a_warning(tmp_path, char_data):
+    proc = run_train(tmp_path / "out", char_data, "--max_iters=2", "--eval_interval=2", "--dtype=float16")
+    assert "warning: dtype=float16 needs a GPU" in proc.stdout and "precision no" in proc.stdout
+    assert [r["iter"] for r in read_log(tmp_path / "out") if "val/loss" in r] == [0, 2]
