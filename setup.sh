@@ -9,7 +9,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     "$PY" -m pip install torch
   else
-    "$PY" -m pip install "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu \
+    # the CPU wheel where the configured indexes have it (offline mirrors, find-links), else PyTorch's CPU index
+    "$PY" -m pip install "torch==2.13.0+cpu" 2>/dev/null \
       || "$PY" -m pip install torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
