@@ -78,7 +78,7 @@ def _interleaved(fns, device, warmup, repeats):
 
 
 # ------------------------------------------------------------------------------------------ training step
-def _train_step_fn(model, ours, shape, device, autocast_dtype, fused):
+def _train_step_fn(model, ours, shape, device, autocast_dtype, fused, return_logits=True):
     B, T, V = shape["batch_size"], shape["block_size"], shape["vocab_size"]
     g = torch.Generator().manual_seed(0)
     x = torch.randint(V, (B, T + 1), generator=g).to(device)
@@ -92,7 +92,7 @@ def _train_step_fn(model, ours, shape, device, autocast_dtype, fused):
     def step():
         with ctx:
             if ours:
-                loss = model(x[:, :-1], shift_labels=x[:, 1:], use_cache=False).loss
+                loss = model(x[:, :-1], shift_labels=x[:, 1:], use_cache=False, return_logits=return_logits).loss
             else:
                 loss = model(input_ids=x[:, :-1], labels=x[:, :-1], use_cache=False).loss
         loss.backward()
@@ -110,7 +110,8 @@ def bench_train(shape_name, device, peak, warmup=2, repeats=5, compile_=False, d
     flops_per_iter = ours.flops_per_token(shape["block_size"]) * shape["batch_size"] * shape["block_size"]
     if compile_:
         ours, ref = torch.compile(ours), torch.compile(ref)
-    fns = {"nanogpt_hf": _train_step_fn(ours, True, shape, device, autocast_dtype, fused=True),
+    # ours as the trainer runs it: fused AdamW, chunked loss (return_logits=False)
+    fns = {"nanogpt_hf": _train_step_fn(ours, True, shape, device, autocast_dtype, fused=True, return_logits=False),
            "GPT2LMHeadModel": _train_step_fn(ref, False, shape, device, autocast_dtype, fused=False)}
     times = _interleaved(fns, device, warmup, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -317,7 +318,7 @@ def _profile(shape_name, device, path):
     from torch.profiler import ProfilerActivity, profile
 
     ours, _ = _models(SHAPES[shape_name], device)
-    step = _train_step_fn(ours, True, SHAPES[shape_name], device, None, fused=True)
+    step = _train_step_fn(ours, True, SHAPES[shape_name], device, None, fused=True, return_logits=False)
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:

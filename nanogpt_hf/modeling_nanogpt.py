@@ -99,6 +99,48 @@ class Block(nn.Module):
         return x
 
 
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of (h @ weight.T) against targets, without materialising all the logits.
+
+    Rows are processed in chunks; each chunk's logits give its share of the loss AND the gradients for h and
+    weight right away (softmax - one-hot), so at most one chunk of logits is alive. At 2048 tokens x 50304
+    vocabulary the usual path keeps >400 MB of logits plus as much again for their gradient: on CPU that memory
+    is page-faulted in afresh every step. The FLOPs are the same. Used by the trainer (return_logits=False).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index=-100, chunk_elems=2**22):
+        acc = torch.promote_types(h.dtype, torch.float32)  # softmax and sums in at least fp32
+        n_valid = (targets != ignore_index).sum().clamp(min=1).to(acc)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
+        total = torch.zeros((), dtype=acc, device=h.device)
+        rows = max(1, chunk_elems // weight.size(0))
+        for s in range(0, h.size(0), rows):
+            hc, tc = h[s : s + rows], targets[s : s + rows]  # (c, C), (c,)
+            logits = (hc @ weight.t()).to(acc)  # (c, V)
+            valid = tc != ignore_index
+            safe_t = tc.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
+            if need_grad:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(grad.size(0), device=grad.device), safe_t] -= 1.0
+                grad.mul_((valid.to(grad.dtype) / n_valid)[:, None])  # d(mean loss)/d(logits)
+                grad = grad.to(h.dtype)
+                grad_h[s : s + rows] = grad @ weight
+                grad_w.addmm_(grad.t().to(acc), hc.to(acc))
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+
+
 class NanoGPTPreTrainedModel(PreTrainedModel):
     config_class = NanoGPTConfig
     config: NanoGPTConfig
@@ -177,6 +219,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep=0,
         num_items_in_batch=None,
+        return_logits=True,
         return_dict=None,
         **kwargs,
     ):
@@ -186,6 +229,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         shift_labels: nanoGPT convention, already shifted (position t predicts shift_labels[t]); the trainer uses
             it so that a window of block_size + 1 tokens trains on all block_size targets.
         logits_to_keep: 0 keeps every position; an int n keeps the last n; a 1-D tensor keeps those positions.
+        return_logits: False (with labels) computes the loss chunk by chunk without materialising the logits
+            (ChunkedLinearCrossEntropy) and returns logits=None; the trainer uses it.
         """
         if input_ids is None:
             raise ValueError("NanoGPTForCausalLM.forward needs input_ids (inputs_embeds is not supported)")
@@ -211,6 +256,12 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             x = block(x, cache, attn_mask)
         x = self.transformer.ln_f(x)
 
+        if not return_logits and (labels is not None or shift_labels is not None) and num_items_in_batch is None:
+            if shift_labels is None:
+                shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): position t predicts t + 1
+            h = x.reshape(-1, x.size(-1))  # (B * T, n_embd)
+            loss = ChunkedLinearCrossEntropy.apply(h, self.lm_head.weight, shift_labels.reshape(-1).to(h.device))
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: cache if use_cache else None})
         if isinstance(logits_to_keep, int):
             x = x[:, -logits_to_keep:, :] if logits_to_keep > 0 else x  # (B, T', n_embd)
         else:

@@ -325,7 +325,7 @@ def estimate_loss(model, cfg, accelerator, data_dir, iter_num):
         for k in range(local_iters):
             x, y = (t.to(accelerator.device) for t in source.next_batch())
             with accelerator.autocast():
-                losses[k] = model(x, shift_labels=y, use_cache=False).loss.float()
+                losses[k] = model(x, shift_labels=y, use_cache=False, return_logits=False).loss.float()
         out[split] = accelerator.gather_for_metrics(losses).mean().item()
     model.train()
     return out
@@ -527,7 +527,7 @@ def train(cfg):
             fault_point("step")
             x, y = (t.to(accelerator.device, non_blocking=True) for t in train_source.next_batch())
             with accelerator.accumulate(model), accelerator.autocast():
-                loss = model(x, shift_labels=y, use_cache=False).loss
+                loss = model(x, shift_labels=y, use_cache=False, return_logits=False).loss  # chunked loss
                 accelerator.backward(loss)  # divided by the per-process accumulation inside
             loss_sum += loss.detach().float()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))

@@ -35,7 +35,7 @@ HIDE_PACKAGE = textwrap.dedent(
     import importlib.util, sys
     sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", type(f).__module__).lower()
                      and "editable" not in type(f).__name__.lower()]
-    sys.path = [p for p in sys.path if p not in ("", ".", {ROOT!r}) and not p.startswith({ROOT!r})]
+    sys.path = [p for p in sys.path if p not in ("", ".", {ROOT!r}) and not p.startswith({ROOT + os.sep!r})]
     assert importlib.util.find_spec("nanogpt_hf") is None, "nanogpt_hf is still importable"
     """
 )

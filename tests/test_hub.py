@@ -1,8 +1,11 @@
-"""Hub push and pull, and export. The Hub's servers cannot be reached here: the pull path runs the real
-huggingface_hub code offline against a populated cache in the Hub's layout; the push path runs our code against
-a minimal stand-in for HfApi that lands files with huggingface_hub's own pattern filter."""
+"""Hub push and pull, and export. The Hub's servers cannot be reached here: the push path runs the real
+huggingface_hub upload code (create_repo, preupload, commit; HF_HUB_DISABLE_XET=1) against a local HTTP stand-in
+for those three endpoints; the pull path runs it offline against a populated cache in the Hub's layout."""
 
+import base64
 import glob
+import http.server
+import threading
 import json
 import os
 import shutil
@@ -10,33 +13,76 @@ import shutil
 import pytest
 import torch
 from conftest import run_cli
-from huggingface_hub.utils import filter_repo_objects
 from test_train import TRAIN, char_data, read_log, train_args, train_losses  # noqa: F401 - session fixture
 from transformers import AutoModelForCausalLM
 
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.export import main as export_main
-from nanogpt_hf.hub import push_run
 from nanogpt_hf.train import main as train_main
 
 
-class LocalHub:
-    """create_repo / upload_folder of HfApi, landing files in a folder per repo (the thinnest possible fake)."""
+class HubStandIn(http.server.BaseHTTPRequestHandler):
+    """The part of the Hub's HTTP API that huggingface_hub's create_repo and (non-xet) create_commit use:
+    POST /api/repos/create, /api/models/{repo}/preupload/{rev}, /api/models/{repo}/commit/{rev}. Files land in
+    `root`; every request is recorded with its Authorization header."""
 
-    def __init__(self, root):
-        self.root = root
+    root, requests = None, []
 
-    def create_repo(self, repo_id, private=True, exist_ok=False):
-        os.makedirs(os.path.join(self.root, repo_id), exist_ok=exist_ok)
-        self.private = private
+    def log_message(self, *args):
+        pass
 
-    def upload_folder(self, repo_id, folder_path, path_in_repo="", allow_patterns=None, ignore_patterns=None,
-                      commit_message=""):
-        files = [os.path.relpath(os.path.join(r, f), folder_path) for r, _, fs in os.walk(folder_path) for f in fs]
-        for rel in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
-            dest = os.path.join(self.root, repo_id, path_in_repo, rel)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.copy(os.path.join(folder_path, rel), dest)
+    def _reply(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).requests.append((self.path, self.headers.get("Authorization")))
+        endpoint = f"http://{self.headers['Host']}"
+        path = self.path.split("?")[0]
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            repo = f"{payload['organization']}/{payload['name']}"
+            os.makedirs(os.path.join(self.root, repo), exist_ok=True)
+            with open(os.path.join(self.root, repo + ".visibility"), "w") as f:
+                f.write(str(payload.get("visibility")))
+            return self._reply(200, {"url": f"{endpoint}/{repo}"})
+        if path == "/api/validate-yaml":  # the model card's metadata is checked before a commit with README.md
+            card = json.loads(body)["content"]
+            ok = card.startswith("---\n") and "\n---\n" in card[4:]
+            return self._reply(200 if ok else 400, {"errors": [] if ok else [{"message": "no YAML header"}], "warnings": []})
+        parts = path.split("/")  # ['', 'api', 'models', org, name, action, revision]
+        if len(parts) == 7 and parts[1:3] == ["api", "models"]:
+            repo, action = f"{parts[3]}/{parts[4]}", parts[5]
+            if action == "preupload":
+                files = json.loads(body)["files"]
+                return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                   for f in files]})
+            if action == "commit":
+                for line in body.splitlines():
+                    item = json.loads(line)
+                    if item["key"] == "file":
+                        dest = os.path.join(self.root, repo, item["value"]["path"])
+                        os.makedirs(os.path.dirname(dest), exist_ok=True)
+                        with open(dest, "wb") as f:
+                            f.write(base64.b64decode(item["value"]["content"]))
+                oid = "%040x" % len(type(self).requests)
+                return self._reply(200, {"commitUrl": f"{endpoint}/{repo}/commit/{oid}", "commitOid": oid})
+        return self._reply(404, {"error": f"the stand-in does not implement {path}"})
+
+
+@pytest.fixture
+def hub_server(tmp_path):
+    HubStandIn.root, HubStandIn.requests = str(tmp_path / "hub"), []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubStandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "hub"
+    server.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +92,36 @@ def run(tmp_path_factory, char_data):
     return out
 
 
-def test_push_uploads_a_loadable_model_folder_with_a_model_card(run, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_SECRETtoken123")
-    cfg = dict(__import__("yaml").safe_load(open(run / "train_config.yaml")), hub_model_id="me/baby-gpt",
-               hub_private=True, out_dir=str(run))
-    hub = LocalHub(str(tmp_path / "hub"))
-    push_run(cfg, include_training_state=True, api=hub)
-    repo = tmp_path / "hub" / "me" / "baby-gpt"
+def test_training_run_pushes_through_the_real_upload_code(hub_server, tmp_path, char_data):
+    endpoint, hub_root = hub_server
+    out = tmp_path / "out"
+    token = "hf_SECRETtoken123"
+    env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+    proc = run_cli(["python", TRAIN, *train_args(out, char_data, "--max_iters=6", "--eval_interval=3",
+                                                   "--always_save_checkpoint=true", "--push_to_hub=true",
+                                                   "--hub_model_id=me/baby-gpt", "--hub_push_training_state=true")],
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.split("?")[0] for p, _ in HubStandIn.requests} == {
+        "/api/repos/create", "/api/validate-yaml", "/api/models/me/baby-gpt/preupload/main",
+        "/api/models/me/baby-gpt/commit/main"}
+    assert all(auth == f"Bearer {token}" for _, auth in HubStandIn.requests)  # the token from the environment
+    assert (hub_root / "me" / "baby-gpt.visibility").read_text() == "private"
+    repo = hub_root / "me" / "baby-gpt"
     files = set(os.listdir(repo))
     assert {"config.json", "model.safetensors", "modeling_nanogpt.py", "configuration_nanogpt.py", "vocab.json",
-            "tokenizer_config.json", "generation_config.json", "README.md", "train_config.yaml"} <= files
+            "tokenizer_config.json", "generation_config.json", "README.md", "train_config.yaml", "log.jsonl"} <= files
     assert os.listdir(repo / "checkpoints") == ["ckpt-0000006"]  # the training state, for resume elsewhere
+    assert "MANIFEST.json" in os.listdir(repo / "checkpoints" / "ckpt-0000006")
     card = open(repo / "README.md").read()
-    val = [r for r in read_log(run) if "val/loss" in r][-1]["val/loss"]
+    val = [r for r in read_log(out) if "val/loss" in r][-1]["val/loss"]
     assert f"{val:.4f}" in card and "tokens seen | 768" in card and "--config train_config.yaml" in card
     model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
     assert model.config.n_layer == 2
-    for path in glob.glob(str(run / "**"), recursive=True):  # the token is never written anywhere
+    for path in glob.glob(str(out / "**"), recursive=True):  # the token is never written anywhere
         if os.path.isfile(path):
-            assert b"hf_SECRETtoken123" not in open(path, "rb").read(), path
+            assert token.encode() not in open(path, "rb").read(), path
+    assert token not in proc.stdout + proc.stderr
 
 
 def test_resume_from_a_hub_id_through_the_offline_cache(run, tmp_path, char_data):

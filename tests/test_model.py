@@ -231,3 +231,35 @@ def test_training_step_and_dropout(tiny):
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert out.cache is None if hasattr(out, "cache") else out.past_key_values is None
+
+
+@pytest.mark.parametrize("chunk_elems", [2**22, 96 * 5])  # one chunk, and chunks of 5 rows (a ragged last one)
+def test_chunked_loss_equals_the_usual_loss_and_gradients(chunk_elems):
+    from nanogpt_hf.modeling_nanogpt import ChunkedLinearCrossEntropy
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(96, 32, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 96, (37,))
+    t[[3, 10]] = -100  # ignored positions
+    loss = ChunkedLinearCrossEntropy.apply(h, w, t, -100, chunk_elems)
+    (2.5 * loss).backward()
+    g_h, g_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
+    (2.5 * ref).backward()
+    assert torch.allclose(loss, ref) and torch.allclose(g_h, h.grad) and torch.allclose(g_w, w.grad)
+
+
+def test_return_logits_false_trains_the_same_model(tiny):
+    model = tiny_model(dropout=0.0).train()
+    x = torch.randint(0, 96, (4, 32))
+    fast = model(x, labels=x, return_logits=False)
+    assert fast.logits is None
+    fast.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    usual = model(x, labels=x)
+    usual.loss.backward()
+    assert torch.allclose(fast.loss, usual.loss, atol=1e-6)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(grads, model.parameters()))
