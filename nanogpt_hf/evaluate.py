@@ -150,7 +150,7 @@ def _read_mc(path):
 @torch.no_grad()
 def score_multiple_choice(model, tokenizer, examples):
     """acc: argmax of the endings' summed log-likelihood; acc_norm: the same divided by the ending's length in
-    bytes (lm-evaluation-harness's definitions for HellaSwag). Endings are scored after ' ' + ending."""
+    characters (lm-evaluation-harness's multiple_choice definitions). Endings are scored as ' ' + ending."""
     device = next(model.parameters()).device
     block = model.config.block_size
     correct = correct_norm = 0
@@ -167,7 +167,7 @@ def score_multiple_choice(model, tokenizer, examples):
             token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[0]
             total = token_lp[-len(end_ids) :].sum().item()
             scores.append(total)
-            norms.append(total / len((" " + ending).encode("utf-8")))
+            norms.append(total / len(ending))
         pred, pred_norm = int(np.argmax(scores)), int(np.argmax(norms))
         correct += pred == label
         correct_norm += pred_norm == label

@@ -169,3 +169,38 @@ def test_plot_writes_a_png(char_run):
     assert proc.returncode == 0, proc.stderr
     with open(os.path.join(char_run, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lm_evaluation_harness_runs_our_checkpoint_and_agrees_with_nanogpt_eval(tmp_path):
+    """EleutherAI's harness (`hf` model type, trust_remote_code) on a tiny local multiple-choice task: its
+    per-choice log-likelihoods and acc/acc_norm equal nanogpt-eval's on the same data."""
+    import glob
+
+    from nanogpt_hf.evaluate import _read_mc, score_multiple_choice
+    from nanogpt_hf.model_io import load_model_and_tokenizer
+
+    folder = tmp_path / "bpe"
+    save_model_folder(tiny_model(vocab_size=50304, block_size=64, seed=3), gpt2_hf_tokenizer(64), str(folder))
+    rows = [{"ctx": "ROMEO: I love", "endings": ["thee", "xqz", "the king", "zzz"], "label": 0},
+            {"ctx": "First Citizen: We are", "endings": ["accounted poor", "qqq", "jjj", "kkk"], "label": 1},
+            {"ctx": "KING RICHARD: My", "endings": ["lord", "vvv", "xxx", "www"], "label": 3}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{endings}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    proc = run_cli(["lm_eval", "--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True",
+                    "--tasks", "tiny_mc", "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "2",
+                    "--output_path", str(tmp_path / "out"), "--log_samples"],
+                   env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = [json.loads(line) for f in glob.glob(str(tmp_path / "out" / "*" / "samples_tiny_mc_*.jsonl"))
+               for line in open(f)]
+    model, tokenizer = load_model_and_tokenizer(str(folder))
+    ours = score_multiple_choice(model.eval(), tokenizer, _read_mc(str(tmp_path / "data.jsonl")))
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        theirs = [float(r[0][0]) for r in sample["resps"]]
+        assert theirs == pytest.approx(ours["predictions"][sample["doc_id"]]["scores"], abs=1e-4)
+    results = json.load(open(glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))[0]))["results"]["tiny_mc"]
+    assert results["acc,none"] == pytest.approx(ours["acc"]) and results["acc_norm,none"] == pytest.approx(ours["acc_norm"])
