@@ -24,7 +24,7 @@ from .config import load_config
 from .data import MemmapBatches, StreamingBatches
 from .errors import UserError, cli_main
 from .hardware import peak_flops
-from .model_io import is_gpt2_name, load_model, save_model_folder
+from .model_io import load_model_and_tokenizer, save_model_folder
 from .prepare import read_meta
 from .tokenization import gpt2_hf_tokenizer
 
@@ -222,12 +222,8 @@ def build_model(cfg, tokenizer, log, ckpt=None, ckpt_state=None):
                                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
         return NanoGPTForCausalLM(config)
     log(f"Initializing from {init_from}")
-    model = load_model(init_from, dropout=cfg["dropout"])
-    model_sig = {"kind": "gpt2", "vocab_size": 50257}
-    if not is_gpt2_name(init_from) and os.path.isdir(init_from):
-        from .model_io import load_model_and_tokenizer
-
-        model_sig = _tokenizer_signature(load_model_and_tokenizer(init_from)[1])
+    model, model_tokenizer = load_model_and_tokenizer(init_from, dropout=cfg["dropout"])
+    model_sig = _tokenizer_signature(model_tokenizer)
     _check_model_data(model_sig, data_sig, init_from)
     if cfg["block_size"] > model.config.block_size:
         raise UserError(f"block_size={cfg['block_size']} is larger than {init_from}'s context of "

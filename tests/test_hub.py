@@ -99,19 +99,22 @@ def test_training_run_pushes_through_the_real_upload_code(hub_server, tmp_path, 
     env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
     proc = run_cli(["python", TRAIN, *train_args(out, char_data, "--max_iters=6", "--eval_interval=3",
                                                    "--always_save_checkpoint=true", "--push_to_hub=true",
-                                                   "--hub_model_id=me/baby-gpt", "--hub_push_training_state=true")],
+                                                   "--hub_model_id=me/baby-gpt", "--hub_push_training_state=true",
+                                                   "--hub_strategy=every_save")],
                    env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.split("?")[0] for p, _ in HubStandIn.requests} == {
         "/api/repos/create", "/api/validate-yaml", "/api/models/me/baby-gpt/preupload/main",
         "/api/models/me/baby-gpt/commit/main"}
     assert all(auth == f"Bearer {token}" for _, auth in HubStandIn.requests)  # the token from the environment
+    commits = [p for p, _ in HubStandIn.requests if p.startswith("/api/models/me/baby-gpt/commit/")]
+    assert len(commits) == 6  # every_save: after the saves at 3 and 6, and at the end; model + training state each
     assert (hub_root / "me" / "baby-gpt.visibility").read_text() == "private"
     repo = hub_root / "me" / "baby-gpt"
     files = set(os.listdir(repo))
     assert {"config.json", "model.safetensors", "modeling_nanogpt.py", "configuration_nanogpt.py", "vocab.json",
             "tokenizer_config.json", "generation_config.json", "README.md", "train_config.yaml", "log.jsonl"} <= files
-    assert os.listdir(repo / "checkpoints") == ["ckpt-0000006"]  # the training state, for resume elsewhere
+    assert sorted(os.listdir(repo / "checkpoints")) == ["ckpt-0000003", "ckpt-0000006"]  # training state, per save
     assert "MANIFEST.json" in os.listdir(repo / "checkpoints" / "ckpt-0000006")
     card = open(repo / "README.md").read()
     val = [r for r in read_log(out) if "val/loss" in r][-1]["val/loss"]
@@ -143,6 +146,14 @@ def test_resume_from_a_hub_id_through_the_offline_cache(run, tmp_path, char_data
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = train_losses(elsewhere)
     assert ours and ours == {k: v for k, v in train_losses(local).items() if k >= 6}
+    # init_from=<hub id>: finetune a pushed model, tokenizer included, from the (offline) Hub cache
+    for name in os.listdir(run):
+        if os.path.isfile(run / name):
+            shutil.copy(run / name, snapshot / name)
+    tuned = run_cli(["python", TRAIN, *train_args(tmp_path / "tuned", char_data, "--init_from=me/baby-gpt",
+                                                   "--max_iters=2", "--eval_interval=2")], env=env)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "Initializing from me/baby-gpt" in tuned.stdout and (tmp_path / "tuned" / "model.safetensors").exists()
     missing = run_cli(["python", TRAIN, *train_args(tmp_path / "x", char_data, "--init_from=resume",
                                                      "--resume_from=me/not-there")], env=env)
     assert missing.returncode == 2 and "cannot get its training state" in missing.stderr.splitlines()[-1]

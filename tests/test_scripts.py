@@ -112,6 +112,18 @@ def test_eval_full_pass_matches_gpt2_reference_and_ddp(char_run, char_data, tmp_
     assert ddp["tokens"] == 4999 and ddp["loss"] == pytest.approx(ref_loss, abs=1e-5)
 
 
+def test_eval_on_a_local_dataset_file(char_run, tmp_path):
+    from nanogpt_hf import NanoGPTCharTokenizer, NanoGPTForCausalLM
+
+    docs = ["ROMEO: I love thee.", "JULIET: And I thee, my lord."]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    result = eval_main(["--init_from", char_run, "--hf_dataset", str(tmp_path / "docs.jsonl"), "--split", "train"])
+    tok = NanoGPTCharTokenizer.from_pretrained(char_run)
+    ids = [i for d in docs for i in tok.encode(d)]  # no EOS in a character vocabulary: documents concatenated
+    ref, count = _reference_loss(NanoGPTForCausalLM.from_pretrained(char_run).eval(), np.array(ids), 32)
+    assert result["tokens"] == count == len(ids) - 1 and result["loss"] == pytest.approx(ref, abs=1e-5)
+
+
 def test_multiple_choice_in_hellaswag_format(char_run, tmp_path):
     from nanogpt_hf import NanoGPTForCausalLM
 
@@ -152,8 +164,9 @@ def test_eval_errors(char_run, char_data, tmp_path, capsys):
 
 def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
     out = tmp_path / "bench.json"
+    trace = tmp_path / "trace.json"
     proc = run_cli([sys.executable, "-m", "nanogpt_hf.bench", "--what", "train,generate", "--shapes", "quickstart",
-                    "--repeats", "1", "--warmup", "0", "--new_tokens", "4", "--json", str(out)])
+                    "--repeats", "1", "--warmup", "0", "--new_tokens", "4", "--json", str(out), "--profile", str(trace)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "speed-up x" in proc.stdout and "KV cache" in proc.stdout
     results = {r["what"]: r for r in json.load(open(out))}
@@ -162,6 +175,7 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
         train["ms_per_step"]["GPT2LMHeadModel"] / train["ms_per_step"]["nanogpt_hf"])
     assert 0 < train["mfu"]["nanogpt_hf"] < 1 and results["peak"]["flops"] > 1e9
     assert results["generate"]["new_tokens"] == 4
+    assert any(e.get("name", "").startswith("aten::") for e in json.load(open(trace))["traceEvents"])
 
 
 def test_plot_writes_a_png(char_run):
