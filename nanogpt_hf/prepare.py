@@ -99,6 +99,7 @@ def shakespeare_text(data_dir):
         if os.path.exists(path):
             return read_text(path), path
     path = os.path.join(data_dir, "input.txt")
+    os.makedirs(data_dir, exist_ok=True)
     try:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r, open(path + ".part", "wb") as f:
             f.write(r.read())

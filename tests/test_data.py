@@ -239,3 +239,33 @@ def test_streaming_resume_gives_exactly_the_next_batches(doc_files):
                              log=lambda m: None)
     again.load_state_dict(state)
     assert torch.equal(_drain(again, 100), expected)
+
+
+def test_shakespeare_is_downloaded_when_not_shipped(tmp_path, monkeypatch):
+    """With the shipped copy gone, prepare fetches nanoGPT's URL (here a local HTTP server serving the file)."""
+    import functools
+    import http.server
+    import threading
+
+    from nanogpt_hf import prepare
+
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil_copy = __import__("shutil").copy
+    shutil_copy(SHAKESPEARE, served / "input.txt")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(prepare, "ASSETS", str(tmp_path / "no_assets"))
+        monkeypatch.setattr(prepare, "SHAKESPEARE_URL", f"http://127.0.0.1:{server.server_address[1]}/input.txt")
+        meta = prepare.prepare_shakespeare(str(tmp_path / "out"))
+        assert (meta["train_tokens"], meta["val_tokens"]) == (301966, 36059)
+        assert meta["source"].startswith("http://127.0.0.1")
+        assert (tmp_path / "out" / "input.txt").read_bytes() == open(SHAKESPEARE, "rb").read()
+        monkeypatch.setattr(prepare, "SHAKESPEARE_URL", f"http://127.0.0.1:{server.server_address[1]}/missing.txt")
+        with pytest.raises(UserError, match="download failed"):
+            prepare.prepare_shakespeare(str(tmp_path / "out2"))
+    finally:
+        server.shutdown()
