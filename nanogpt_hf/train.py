@@ -6,7 +6,6 @@ What runs where is chosen by the launcher (`accelerate launch --config_file acce
 or plain python), never by this file.
 """
 
-import contextlib
 import json
 import math
 import os
@@ -18,8 +17,19 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .checkpoint import (CKPT_PREFIX, checkpoint_dirs, fault_point, latest_checkpoint, load_tree, prune_checkpoints,
-                         rng_state, save_tree, set_rng_state, verify_checkpoint, write_manifest)
+from .checkpoint import (
+    CKPT_PREFIX,
+    checkpoint_dirs,
+    fault_point,
+    latest_checkpoint,
+    load_tree,
+    prune_checkpoints,
+    rng_state,
+    save_tree,
+    set_rng_state,
+    verify_checkpoint,
+    write_manifest,
+)
 from .config import load_config
 from .data import MemmapBatches, StreamingBatches
 from .errors import UserError, cli_main
@@ -488,6 +498,7 @@ def train(cfg):
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         run_log.log({"iter": iter_num, "train/loss_eval": losses["train"], "val/loss": losses["val"],
                      "val/perplexity": math.exp(min(losses["val"], 50))})
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return {"iter_num": iter_num, "val_loss": losses["val"], "train_loss": losses["train"]}
     while True:
@@ -557,6 +568,7 @@ def train(cfg):
     if last_val is not None:
         log(f"done: iter {iter_num}, val loss {last_val:.4f} (best {best_val_loss:.4f}); model folder: {cfg['out_dir']}")
     _maybe_push(cfg, accelerator, "end", raw_model, tokenizer, None)
+    accelerator.wait_for_everyone()  # ranks leave together: a rank tearing down gloo early can hang its peer
     accelerator.end_training()
     return {"iter_num": iter_num, "val_loss": last_val, "best_val_loss": best_val_loss}
 

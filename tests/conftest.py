@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -77,8 +78,6 @@ def assert_one_line_error(proc, message):
 
 def assert_cli_error(main, argv, message, capsys):
     """The same check in-process: a console entry point called with argv exits 2 with one `error:` line."""
-    import pytest
-
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -86,3 +85,50 @@ def assert_cli_error(main, argv, message, capsys):
     assert exc.value.code == 2, (argv, err)
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], (argv, err)
+
+
+# ---------------------------------------------------------------------------------------- training helpers
+TRAIN = os.path.join(ROOT, "train_accelerate.py")
+TINY = ["--config", "train_shakespeare_char_cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_iters=4", "--log_interval=1", "--warmup_iters=5"]
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+    from nanogpt_hf.prepare import prepare_shakespeare_char
+
+    path = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    prepare_shakespeare_char(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def bpe_data(tmp_path_factory):
+    from nanogpt_hf.prepare import prepare_shakespeare
+
+    path = tmp_path_factory.mktemp("data") / "shakespeare"
+    prepare_shakespeare(str(path))
+    return str(path)
+
+
+def train_args(out_dir, data_dir, *extra):
+    """A tiny model on the quickstart config: seconds per run."""
+    return [*TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
+
+
+def run_train(out_dir, data_dir, *extra, launcher=(), env=None, check=True):
+    """train_accelerate.py in a real process, plain or under a launcher (accelerate launch, torchrun)."""
+    cmd = [*launcher, *([] if launcher else [sys.executable]), TRAIN, *train_args(out_dir, data_dir, *extra)]
+    proc = run_cli(cmd, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return {r["iter"]: r["train/loss"] for r in read_log(out_dir) if "train/loss" in r}

@@ -8,14 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_cli_error, assert_one_line_error, run_cli
-from test_train import TINY, char_data, bpe_data, train_args  # noqa: F401 - session fixtures
+from conftest import TRAIN, assert_cli_error, assert_one_line_error, run_cli, train_args
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from nanogpt_hf.sample import main as sample_main
 from nanogpt_hf.train import main as train_main
-
-TRAIN = os.path.join(ROOT, "train_accelerate.py")
 
 
 @pytest.fixture(scope="module")

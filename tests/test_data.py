@@ -12,7 +12,7 @@ from conftest import ROOT, assert_cli_error, assert_one_line_error, run_cli
 from nanogpt_hf.data import MemmapBatches, StreamingBatches
 from nanogpt_hf.errors import UserError
 from nanogpt_hf.prepare import main as prepare_main
-from nanogpt_hf.prepare import prepare_documents, prepare_shakespeare, prepare_shakespeare_char, write_bin
+from nanogpt_hf.prepare import prepare_documents, prepare_shakespeare, prepare_shakespeare_char
 from nanogpt_hf.tokenization import gpt2_encoding
 
 SHAKESPEARE = os.path.join(ROOT, "nanogpt_hf", "assets", "tinyshakespeare", "input.txt")

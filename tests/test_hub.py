@@ -5,15 +5,14 @@ for those three endpoints; the pull path runs it offline against a populated cac
 import base64
 import glob
 import http.server
-import threading
 import json
 import os
 import shutil
+import threading
 
 import pytest
 import torch
-from conftest import run_cli
-from test_train import TRAIN, char_data, read_log, train_args, train_losses  # noqa: F401 - session fixture
+from conftest import TRAIN, read_log, run_cli, train_args, train_losses
 from transformers import AutoModelForCausalLM
 
 from nanogpt_hf import NanoGPTForCausalLM

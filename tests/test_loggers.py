@@ -8,8 +8,7 @@ import os
 import struct
 
 import pytest
-from conftest import run_cli
-from test_train import TRAIN, char_data, read_log, train_args  # noqa: F401 - session fixture
+from conftest import TRAIN, read_log, run_cli, train_args
 
 
 def read_wandb_records(path):

@@ -8,8 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_cli_error, run_cli, tiny_model
-from test_train import char_data, train_args  # noqa: F401 - session fixture
+from conftest import ROOT, assert_cli_error, run_cli, tiny_model, train_args
 from torch.nn import functional as F
 
 from nanogpt_hf.evaluate import main as eval_main

@@ -1,57 +1,16 @@
 """train_accelerate.py through real launchers: one process, accelerate launch DDP over gloo, two 'nodes',
 torchrun; checkpoints, bit-exact resume after SIGKILL, and config errors."""
 
-import json
 import os
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_cli_error, run_cli
+from conftest import ROOT, TRAIN, assert_cli_error, read_log, run_cli, run_train, train_args, train_losses
 from safetensors.torch import load_file
 
-from nanogpt_hf.prepare import prepare_shakespeare, prepare_shakespeare_char
 from nanogpt_hf.train import get_lr
 from nanogpt_hf.train import main as train_main
-
-TRAIN = os.path.join(ROOT, "train_accelerate.py")
-TINY = ["--config", "train_shakespeare_char_cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-        "--batch_size=4", "--eval_iters=4", "--log_interval=1", "--warmup_iters=5"]
-
-
-@pytest.fixture(scope="session")
-def char_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    prepare_shakespeare_char(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def bpe_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "shakespeare"
-    prepare_shakespeare(str(path))
-    return str(path)
-
-
-def train_args(out_dir, data_dir, *extra):
-    return [*TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
-
-
-def run_train(out_dir, data_dir, *extra, launcher=(), env=None, check=True):
-    proc = run_cli([*launcher, *( [sys.executable] if not launcher else []), TRAIN, *train_args(out_dir, data_dir, *extra)],
-                   env=env)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(out_dir):
-    return {r["iter"]: r["train/loss"] for r in read_log(out_dir) if "train/loss" in r}
 
 
 def test_lr_schedule_is_nanogpts():
