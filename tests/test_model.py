@@ -266,3 +266,19 @@ def test_return_logits_false_trains_the_same_model(tiny, monkeypatch):
     usual.loss.backward()
     assert torch.allclose(fast.loss, usual.loss, atol=1e-6)
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(grads, model.parameters()))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_equal_gpt2lmheadmodel(bias):
+    """Backward too: the same loss gives the same gradients as transformers' GPT-2 (Conv1D weights transposed)."""
+    ours = tiny_model(bias=bias).train()
+    gpt2 = ours.to_gpt2().train()
+    x = torch.randint(0, 96, (3, 32))
+    ours(x, labels=x).loss.backward()
+    gpt2(input_ids=x, labels=x).loss.backward()
+    theirs = dict(gpt2.named_parameters())
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    for name, p in ours.named_parameters():
+        ref = theirs[name].grad
+        ref = ref.t() if name.endswith(conv1d) else ref
+        assert torch.allclose(p.grad, ref, atol=1e-6), name
