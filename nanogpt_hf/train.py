@@ -375,7 +375,7 @@ def save_checkpoint(accelerator, model, optimizer, train_source, tokenizer, cfg,
         with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=1)
         write_manifest(tmp)
-        if os.path.isdir(final):  # the same iteration saved again (e.g. eval_only after resume)
+        if os.path.isdir(final):  # the same iteration saved again by a rerun from an older checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
         prune_checkpoints(root, cfg["keep_last"], state.get("best_checkpoint"))
