@@ -268,18 +268,21 @@ def prepare_documents(out_dir, dataset=None, files=None, text_column="text", num
 
 
 def _write_memmap(path, dset, total_batches):
-    """Concatenates all ids into one uint16 memmap, one contiguous shard at a time (bounded memory)."""
-    arr_len = int(np.sum(dset["len"], dtype=np.uint64))
+    """Concatenates all ids into one uint16 memmap, one contiguous shard at a time (bounded memory).
+
+    Shards are read as Arrow tables and their list column flattened in one call: datasets' numpy formatting
+    goes row by row and took 85% of the whole recipe (measured: 33 of 38 s on a 30 MB corpus)."""
+    import pyarrow.compute as pc
+
+    arr_len = int(pc.sum(dset.with_format("arrow")[:]["len"]).as_py() or 0)
     tmp = _atomic_tmp(path)
     try:
         arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(max(arr_len, 1),))
         idx = 0
         n_shards = max(1, min(total_batches, len(dset)))
         for batch_idx in tqdm(range(n_shards), desc=f"writing {os.path.basename(path)}"):
-            batch = dset.shard(num_shards=n_shards, index=batch_idx, contiguous=True).with_format("numpy")
-            if len(batch) == 0:
-                continue
-            arr_batch = np.concatenate(list(batch["ids"])).astype(np.uint16)
+            table = dset.shard(num_shards=n_shards, index=batch_idx, contiguous=True).with_format("arrow")[:]
+            arr_batch = pc.list_flatten(table["ids"]).to_numpy().astype(np.uint16)
             arr[idx : idx + len(arr_batch)] = arr_batch
             idx += len(arr_batch)
         arr.flush()
