@@ -37,19 +37,15 @@ SHAPES = {
 
 
 def _models(shape, device, dtype=torch.float32):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    """Ours and transformers' GPT2LMHeadModel of the same shape, with the same weights (to_gpt2)."""
     from .configuration_nanogpt import NanoGPTConfig
     from .modeling_nanogpt import NanoGPTForCausalLM
 
     torch.manual_seed(0)
     ours = NanoGPTForCausalLM(NanoGPTConfig(vocab_size=shape["vocab_size"], block_size=shape["block_size"],
                                             n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
-                                            bias=True, dropout=0.0))
-    ref = GPT2LMHeadModel(GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["block_size"],
-                                     n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
-    return ours.to(device=device, dtype=dtype), ref.to(device=device, dtype=dtype)
+                                            bias=True, dropout=0.0, bos_token_id=0, eos_token_id=0))
+    return ours.to(device=device, dtype=dtype), ours.to_gpt2().to(device=device, dtype=dtype)
 
 
 def _sync(device):

@@ -255,8 +255,7 @@ def _help():
 def load_config(argv=()):
     """The resolved config dict (plus `_config_file`) from command-line arguments."""
     name, config_path, overrides = parse_cli(list(argv))
-    cfg = dict(DEFAULTS)
-    cfg = {k: (list(v) if isinstance(v, list) else v) for k, v in cfg.items()}
+    cfg = {k: (list(v) if isinstance(v, list) else v) for k, v in DEFAULTS.items()}  # lists copied, not shared
     source_file, explicit = None, set(overrides)
     if name:
         source_file = resolve_config_path(name, config_path)

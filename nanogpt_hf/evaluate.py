@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from .errors import UserError, cli_main
 from .model_io import load_model_and_tokenizer
 from .prepare import read_meta
+from .tokenization import check_same_vocabulary, meta_signature, tokenizer_signature
 
 __all__ = ["main", "evaluate_tokens", "score_multiple_choice", "write_model_card_results"]
 
@@ -85,7 +86,7 @@ def _load_tokens(args, tokenizer):
         path = os.path.join(data_dir, f"{args.split}.bin")
         if not os.path.exists(path):
             raise UserError(f"{path} does not exist: --split is train or val")
-        _check_tokenizer(meta, tokenizer, data_dir)
+        check_same_vocabulary(tokenizer_signature(tokenizer), meta_signature(meta), "the model")
         return np.memmap(path, dtype=np.uint16, mode="r"), f"{data_dir}/{args.split}.bin"
     if args.text_file:
         from .prepare import read_text
@@ -113,16 +114,6 @@ def _encode(tokenizer, text):
         return tokenizer.encode(text, add_special_tokens=False)
     except ValueError as e:
         raise UserError(f"the text cannot be encoded with the model's tokenizer: {e}") from e
-
-
-def _check_tokenizer(meta, tokenizer, data_dir):
-    kind = "char" if type(tokenizer).__name__ == "NanoGPTCharTokenizer" else "gpt2"
-    if meta.get("tokenizer") != kind:
-        raise UserError(f"{data_dir} was prepared with the {meta.get('tokenizer')} tokenizer but the model uses {kind}: "
-                        f"evaluate on data prepared for this model")
-    if kind == "char" and [meta["itos"][str(i)] for i in range(meta["vocab_size"])] != \
-            [tokenizer.itos[i] for i in range(tokenizer.vocab_size)]:
-        raise UserError(f"{data_dir} has a different character vocabulary than the model")
 
 
 # ------------------------------------------------------------------------------------------ multiple choice

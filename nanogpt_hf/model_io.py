@@ -8,32 +8,19 @@ generation_config.json: `AutoModelForCausalLM.from_pretrained(folder, trust_remo
 import json
 import os
 import pickle
-import shutil
 import tempfile
 
 from safetensors import SafetensorError
 
 from .errors import UserError
 
-__all__ = ["GPT2_NAMES", "is_gpt2_name", "save_model_folder", "load_model", "load_model_and_tokenizer", "replace_dir"]
+__all__ = ["GPT2_NAMES", "is_gpt2_name", "save_model_folder", "load_model", "load_model_and_tokenizer"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def is_gpt2_name(name):
     return name.removeprefix("openai-community/") in GPT2_NAMES
-
-
-def replace_dir(tmp, final):
-    """Puts a completely written folder in place of `final`: rename is atomic, so readers see old or new."""
-    if os.path.isdir(final):
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def save_model_folder(model, tokenizer, folder, extra_files=None):

@@ -10,7 +10,8 @@ import os
 
 from .errors import UserError
 
-__all__ = ["GPT2_EOT", "gpt2_files", "gpt2_encoding", "gpt2_hf_tokenizer", "load_tokenizer"]
+__all__ = ["GPT2_EOT", "gpt2_files", "gpt2_encoding", "gpt2_hf_tokenizer", "load_tokenizer", "tokenizer_signature",
+           "meta_signature", "check_same_vocabulary"]
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 GPT2_EOT = 50256  # <|endoftext|>
@@ -77,3 +78,28 @@ def load_tokenizer(folder, trust_remote_code=True):
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"{folder}: no tokenizer found ({str(e).splitlines()[0]}); save one with tokenizer.save_pretrained") from e
+
+
+# ---------------------------------------------------------------------------------------------- model vs data
+def tokenizer_signature(tokenizer):
+    """What must match between a model and its data: the kind of tokenizer and its exact vocabulary."""
+    if type(tokenizer).__name__ == "NanoGPTCharTokenizer":
+        return {"kind": "char", "vocab": "".join(tokenizer.itos[i] for i in range(tokenizer.vocab_size))}
+    return {"kind": "gpt2", "vocab_size": 50257}
+
+
+def meta_signature(meta):
+    """The same signature from a prepared folder's meta.json."""
+    if meta.get("tokenizer") == "char":
+        return {"kind": "char", "vocab": "".join(meta["itos"][str(i)] for i in range(meta["vocab_size"]))}
+    return {"kind": "gpt2", "vocab_size": 50257}
+
+
+def check_same_vocabulary(model_sig, data_sig, where):
+    """One clear error when a model meets data made with another tokenizer or vocabulary."""
+    if model_sig != data_sig:
+        def describe(sig):
+            return "GPT-2 BPE (50257 tokens)" if sig["kind"] == "gpt2" else f"a {len(sig['vocab'])}-character vocabulary"
+
+        raise UserError(f"{where} uses {describe(model_sig)} but the data was prepared with {describe(data_sig)}: "
+                        f"prepare the data with the model's tokenizer, or use a model trained on it")

@@ -36,7 +36,7 @@ from .errors import UserError, cli_main
 from .hardware import peak_flops
 from .model_io import load_model_and_tokenizer, save_model_folder
 from .prepare import read_meta
-from .tokenization import gpt2_hf_tokenizer
+from .tokenization import check_same_vocabulary, gpt2_hf_tokenizer, tokenizer_signature
 
 __all__ = ["main", "train", "get_lr"]
 
@@ -143,9 +143,9 @@ def _data_dir(cfg):
 
 
 def data_tokenizer(cfg):
-    """(tokenizer, meta) of the training data: the char tokenizer saved with the bins, or GPT-2 BPE."""
+    """The training data's tokenizer: the char tokenizer saved with the bins, or GPT-2 BPE."""
     if cfg["data_source"] == "streaming":
-        return gpt2_hf_tokenizer(cfg["block_size"]), {"tokenizer": "gpt2", "vocab_size": 50257}
+        return gpt2_hf_tokenizer(cfg["block_size"])
     data_dir = _data_dir(cfg)
     meta = read_meta(data_dir)
     if meta.get("tokenizer") == "char":
@@ -157,27 +157,12 @@ def data_tokenizer(cfg):
     else:
         raise UserError(f"{data_dir}/meta.json: unknown tokenizer {meta.get('tokenizer')!r}; run prepare.py again")
     tok.model_max_length = cfg["block_size"]
-    return tok, meta
-
-
-def _tokenizer_signature(tokenizer):
-    """What must match between a model and its data: the kind of tokenizer and its exact vocabulary."""
-    if type(tokenizer).__name__ == "NanoGPTCharTokenizer":
-        return {"kind": "char", "vocab": "".join(tokenizer.itos[i] for i in range(tokenizer.vocab_size))}
-    return {"kind": "gpt2", "vocab_size": 50257}
+    return tok
 
 
 def _vocab_size_for(tokenizer):
     # GPT-2's 50257 rounded up to 50304 (a multiple of 64) like nanoGPT; char: the characters + <pad>
-    return 50304 if _tokenizer_signature(tokenizer)["kind"] == "gpt2" else len(tokenizer)
-
-
-def _check_model_data(model_tok_sig, data_tok_sig, where):
-    if model_tok_sig != data_tok_sig:
-        def describe(sig):
-            return "GPT-2 BPE (50257 tokens)" if sig["kind"] == "gpt2" else f"a {len(sig['vocab'])}-character vocabulary"
-        raise UserError(f"{where} uses {describe(model_tok_sig)} but the data was prepared with {describe(data_tok_sig)}: "
-                        f"prepare the data with the model's tokenizer, or train a new model on it")
+    return 50304 if tokenizer_signature(tokenizer)["kind"] == "gpt2" else len(tokenizer)
 
 
 def find_resume_checkpoint(cfg):
@@ -219,9 +204,9 @@ def build_model(cfg, tokenizer, log, ckpt=None, ckpt_state=None):
     from .modeling_nanogpt import NanoGPTForCausalLM
 
     init_from = cfg["init_from"]
-    data_sig = _tokenizer_signature(tokenizer)
+    data_sig = tokenizer_signature(tokenizer)
     if ckpt is not None:
-        _check_model_data(ckpt_state["tokenizer"], data_sig, ckpt)
+        check_same_vocabulary(ckpt_state["tokenizer"], data_sig, ckpt)
         return NanoGPTForCausalLM.from_pretrained(os.path.join(ckpt, "model"), dropout=cfg["dropout"])
     _refuse_other_runs(cfg)
     if init_from == "scratch":
@@ -233,8 +218,8 @@ def build_model(cfg, tokenizer, log, ckpt=None, ckpt_state=None):
         return NanoGPTForCausalLM(config)
     log(f"Initializing from {init_from}")
     model, model_tokenizer = load_model_and_tokenizer(init_from, dropout=cfg["dropout"])
-    model_sig = _tokenizer_signature(model_tokenizer)
-    _check_model_data(model_sig, data_sig, init_from)
+    model_sig = tokenizer_signature(model_tokenizer)
+    check_same_vocabulary(model_sig, data_sig, init_from)
     if cfg["block_size"] > model.config.block_size:
         raise UserError(f"block_size={cfg['block_size']} is larger than {init_from}'s context of "
                         f"{model.config.block_size}; use block_size <= {model.config.block_size}")
@@ -342,7 +327,7 @@ def _trainer_state(cfg, iter_num, best_val_loss, best_dir, tokens_per_iter, worl
     public = {k: v for k, v in cfg.items() if not k.startswith("_")}
     return dict(iter_num=iter_num, best_val_loss=best_val_loss, best_checkpoint=best_dir, val_loss=val_loss,
                 tokens_seen=iter_num * tokens_per_iter, world_size=world, config=public,
-                tokenizer=_tokenizer_signature(tokenizer), model_shape=_shape_of(model.config), tracker_ids=tracker_ids)
+                tokenizer=tokenizer_signature(tokenizer), model_shape=_shape_of(model.config), tracker_ids=tracker_ids)
 
 
 def _weights_finite(model):
@@ -453,7 +438,7 @@ def train(cfg):
     if cfg["init_from"] == "resume":
         cfg, ckpt, ckpt_state = resume_config(cfg, log)
     with accelerator.main_process_first():  # reading (and in streaming, caching) the data once
-        tokenizer, _ = data_tokenizer(cfg)
+        tokenizer = data_tokenizer(cfg)
     torch.manual_seed(cfg["seed"])  # the same initial weights whatever the number of processes
     model = build_model(cfg, tokenizer, log, ckpt, ckpt_state)
     torch.manual_seed(cfg["seed"] + accelerator.process_index)  # dropout differs per rank, like nanoGPT
