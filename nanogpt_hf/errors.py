@@ -11,7 +11,12 @@ class UserError(Exception):
 
 
 def cli_main(main):
-    """Decorator for console entry points: UserError -> `error: <message>` and exit 2, no traceback."""
+    """Decorator for console entry points: UserError -> `error: <message>` and exit 2, no traceback.
+
+    Called with arguments (from Python), main's result comes back. Called bare, as console scripts and
+    `python -m` call it, the result is dropped: the generated script runs `sys.exit(main())`, which would print
+    a returned dict to stderr and exit 1 after a successful run.
+    """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -19,7 +24,8 @@ def cli_main(main):
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars: noise around our own progress output
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            return result if args or kwargs else None
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -164,9 +164,12 @@ def test_eval_errors(char_run, char_data, tmp_path, capsys):
 def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
     out = tmp_path / "bench.json"
     trace = tmp_path / "trace.json"
-    proc = run_cli([sys.executable, "-m", "nanogpt_hf.bench", "--what", "train,generate", "--shapes", "quickstart",
+    # the installed console script (it runs sys.exit(main()): the results must not become its exit status)
+    script = os.path.join(os.path.dirname(sys.executable), "nanogpt-bench")
+    proc = run_cli([script, "--what", "train,generate", "--shapes", "quickstart",
                     "--repeats", "1", "--warmup", "0", "--new_tokens", "4", "--json", str(out), "--profile", str(trace)])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'what'" not in proc.stderr
     assert "speed-up x" in proc.stdout and "KV cache" in proc.stdout
     results = {r["what"]: r for r in json.load(open(out))}
     train = results["train_step"]
