@@ -2,13 +2,18 @@
 
     nanogpt-bench                                  # training step + generation at the default shapes
     nanogpt-bench --what train --shapes quickstart,baby --compile --json bench.json
+    nanogpt-bench --what train --nanogpt_dir ../nanoGPT   # also time nanoGPT's own model.py, same run
     nanogpt-bench --what prepare --corpus_mb 200   # tokenization throughput and peak memory of prepare
     nanogpt-bench --what startup                   # accelerate launch -> first training step (quickstart)
+    nanogpt-bench --what quickstart                # the whole CPU quickstart run: ms/iter and val loss
 
-Every figure is the median of --repeats timed runs after --warmup untimed ones; ours and the reference are
-interleaved run by run, so a machine whose speed drifts affects both alike. MFU uses nanoGPT's FLOP count
-(6N + 12LHQT per token) against the peak: a matmul rate measured in the same run on CPU, the data-sheet bf16
-peak on known GPUs, or --peak-flops.
+Every figure is the median of --repeats timed runs after --warmup untimed ones; ours and the references are
+interleaved run by run, so a machine whose speed drifts affects all alike. References: transformers'
+GPT2LMHeadModel as GPT-2 defines it (biases, tanh GELU), and with --nanogpt_dir the model.py of a nanoGPT clone
+(its defaults: no biases, exact GELU). Ours runs with the trainer's defaults (no biases, exact GELU, fused
+AdamW). The trainer's CPU allocator setting is process-wide, so all models here run with it. MFU uses
+nanoGPT's FLOP count (6N + 12LHQT per token) against the peak: a matmul rate measured in the same run on CPU,
+the data-sheet bf16 peak on known GPUs, or --peak-flops.
 """
 
 import argparse
@@ -24,11 +29,13 @@ import time
 import torch
 
 from .errors import UserError, cli_main
-from .hardware import measured_matmul_flops, peak_flops
+from .hardware import keep_freed_memory_mapped, measured_matmul_flops, peak_flops
 
 __all__ = ["SHAPES", "main", "bench_train", "bench_generate"]
 
 # named shapes: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
+WHATS = ("train", "generate", "prepare", "startup", "quickstart")
+
 SHAPES = {
     "quickstart": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),  # nanoGPT CPU
     "baby": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=50304),  # baby GPT, BPE
@@ -36,16 +43,39 @@ SHAPES = {
 }
 
 
-def _models(shape, device, dtype=torch.float32):
-    """Ours and transformers' GPT2LMHeadModel of the same shape, with the same weights (to_gpt2)."""
+def _models(shape, device):
+    """Ours as the trainer builds it (its defaults: no biases, nanoGPT's exact GELU) and transformers'
+    GPT2LMHeadModel of the same shape as GPT-2 defines it (biases, tanh GELU), from the same initial weights."""
+    from .config import DEFAULTS
     from .configuration_nanogpt import NanoGPTConfig
     from .modeling_nanogpt import NanoGPTForCausalLM
 
+    def build(**kw):
+        torch.manual_seed(0)
+        return NanoGPTForCausalLM(NanoGPTConfig(
+            vocab_size=shape["vocab_size"], block_size=shape["block_size"], n_layer=shape["n_layer"],
+            n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=0.0, **kw))
+
+    ours = build(bias=DEFAULTS["bias"], activation_function=DEFAULTS["activation_function"])
+    gpt2 = build(bias=True, activation_function="gelu_new").to_gpt2()
+    return ours.to(device), gpt2.to(device)
+
+
+def _nanogpt_model(nanogpt_dir, shape, device):
+    """nanoGPT's own GPT from the model.py of a nanoGPT checkout, with nanoGPT's defaults (bias=False)."""
+    import importlib.util
+
+    path = os.path.join(nanogpt_dir, "model.py")
+    if not os.path.isfile(path):
+        raise UserError(f"--nanogpt_dir: {path} does not exist; point it at a clone of karpathy/nanoGPT")
+    spec = importlib.util.spec_from_file_location("nanogpt_reference_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     torch.manual_seed(0)
-    ours = NanoGPTForCausalLM(NanoGPTConfig(vocab_size=shape["vocab_size"], block_size=shape["block_size"],
-                                            n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
-                                            bias=True, dropout=0.0, bos_token_id=0, eos_token_id=0))
-    return ours.to(device=device, dtype=dtype), ours.to_gpt2().to(device=device, dtype=dtype)
+    config = module.GPTConfig(vocab_size=shape["vocab_size"], block_size=shape["block_size"], n_layer=shape["n_layer"],
+                              n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=0.0, bias=False)
+    with contextlib.redirect_stdout(None):  # it prints its parameter count
+        return module.GPT(config).to(device)
 
 
 def _sync(device):
@@ -74,23 +104,30 @@ def _interleaved(fns, device, warmup, repeats):
 
 
 # ------------------------------------------------------------------------------------------ training step
-def _train_step_fn(model, ours, shape, device, autocast_dtype, fused, return_logits=True):
+# the loss of each model as its own trainer computes it, from inputs x and next tokens y (nanoGPT's get_batch)
+LOSSES = {
+    "nanogpt_hf": lambda m, x, y: m(x, shift_labels=y, use_cache=False).loss,
+    "GPT2LMHeadModel": lambda m, x, y: m(input_ids=x, labels=x, use_cache=False).loss,  # shifts inside
+    "nanoGPT": lambda m, x, y: m(x, y)[1],
+}
+
+
+def _train_step_fn(model, name, shape, device, autocast_dtype, fused):
     B, T, V = shape["batch_size"], shape["block_size"], shape["vocab_size"]
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(V, (B, T + 1), generator=g).to(device)
+    data = torch.randint(V, (B, T + 1), generator=g).to(device)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     params = [p for p in model.parameters()]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=True) if fused else torch.optim.AdamW(groups, lr=1e-4)
     model.train()
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    loss_fn = LOSSES[name]
 
     def step():
         with ctx:
-            if ours:
-                loss = model(x[:, :-1], shift_labels=x[:, 1:], use_cache=False, return_logits=return_logits).loss
-            else:
-                loss = model(input_ids=x[:, :-1], labels=x[:, :-1], use_cache=False).loss
+            loss = loss_fn(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -99,16 +136,18 @@ def _train_step_fn(model, ours, shape, device, autocast_dtype, fused, return_log
     return step
 
 
-def bench_train(shape_name, device, peak, warmup=2, repeats=5, compile_=False, dtype="float32"):
+def bench_train(shape_name, device, peak, warmup=2, repeats=5, compile_=False, dtype="float32", nanogpt_dir=None):
     shape = SHAPES[shape_name]
     autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ours, ref = _models(shape, device)
-    flops_per_iter = ours.flops_per_token(shape["block_size"]) * shape["batch_size"] * shape["block_size"]
-    if compile_:
-        ours, ref = torch.compile(ours), torch.compile(ref)
-    # ours as the trainer runs it: fused AdamW, chunked loss (return_logits=False)
-    fns = {"nanogpt_hf": _train_step_fn(ours, True, shape, device, autocast_dtype, fused=True, return_logits=False),
-           "GPT2LMHeadModel": _train_step_fn(ref, False, shape, device, autocast_dtype, fused=False)}
+    models = dict(zip(("nanogpt_hf", "GPT2LMHeadModel"), _models(shape, device)))
+    if nanogpt_dir:
+        models["nanoGPT"] = _nanogpt_model(nanogpt_dir, shape, device)
+    flops_per_iter = models["nanogpt_hf"].flops_per_token(shape["block_size"]) * shape["batch_size"] * shape["block_size"]
+    # each as its trainer runs it: ours with fused AdamW; nanoGPT's train.py fuses AdamW on CUDA only;
+    # transformers' Trainer uses the plain torch AdamW
+    fns = {name: _train_step_fn(torch.compile(m) if compile_ else m, name, shape, device, autocast_dtype,
+                                fused=name == "nanogpt_hf" or (name == "nanoGPT" and device.type == "cuda"))
+           for name, m in models.items()}
     times = _interleaved(fns, device, warmup, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = shape["batch_size"] * shape["block_size"]
@@ -117,7 +156,7 @@ def bench_train(shape_name, device, peak, warmup=2, repeats=5, compile_=False, d
         "ms_per_step": {k: v * 1000 for k, v in med.items()},
         "tokens_per_s": {k: tokens / v for k, v in med.items()},
         "mfu": {k: flops_per_iter / v / peak for k, v in med.items()},
-        "speedup_vs_GPT2LMHeadModel": med["GPT2LMHeadModel"] / med["nanogpt_hf"],
+        **{f"speedup_vs_{k}": v / med["nanogpt_hf"] for k, v in med.items() if k != "nanogpt_hf"},
     }
 
 
@@ -128,7 +167,9 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
     ours, ref = _models(shape, device)
     ours.eval(), ref.eval()
     prompt = torch.randint(shape["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    # no EOS token: every run makes exactly new_tokens (min_new_tokens would add two full-vocabulary logits
+    # processors per token to the measurement, ~0.4 ms of its ~7)
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     fns = {
         "nanogpt_hf_kv_cache": lambda: ours.generate(prompt, use_cache=True, **kw),
         "nanogpt_hf_recompute": lambda: ours.generate(prompt, new_tokens, top_k=1),  # nanoGPT's loop, no cache
@@ -136,6 +177,9 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
         "nanogpt_hf_first_token": lambda: ours(prompt, use_cache=True, logits_to_keep=1),
         "GPT2LMHeadModel_first_token": lambda: ref(prompt, use_cache=True, logits_to_keep=1),
     }
+    for name in ("nanogpt_hf_kv_cache", "nanogpt_hf_recompute", "GPT2LMHeadModel_kv_cache"):
+        if fns[name]().size(1) != prompt_len + new_tokens:  # tokens/s below assumes every run made them all
+            raise RuntimeError(f"{name} stopped before {new_tokens} new tokens")
     times = _interleaved(fns, device, warmup, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: new_tokens / v for k, v in med.items() if not k.endswith("first_token")}
@@ -193,31 +237,56 @@ def bench_prepare(corpus_mb=200, num_proc=2):
             "peak_rss_mb": max_rss_kb / 1024}
 
 
+def _prepare_shakespeare_char(repo_root):
+    subprocess.run([sys.executable, os.path.join(repo_root, "data", "shakespeare_char", "prepare.py")],
+                   capture_output=True, check=True)
+
+
+def _launch_quickstart(repo_root, out, *overrides):
+    """`accelerate launch` of the CPU quickstart config into out, as a Popen."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(repo_root, "accelerate_configs", "cpu.yaml"), os.path.join(repo_root, "train_accelerate.py"),
+           "--config", "train_shakespeare_char_cpu", f"--out_dir={out}",
+           f"--data_dir={os.path.join(repo_root, 'data', 'shakespeare_char')}", *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=repo_root)
+
+
 def bench_startup(repo_root):
     """Seconds from `accelerate launch` to the first logged training step of the CPU quickstart config."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out")
-        subprocess.run([sys.executable, os.path.join(repo_root, "data", "shakespeare_char", "prepare.py")],
-                       capture_output=True, check=True)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(repo_root, "accelerate_configs", "cpu.yaml"), os.path.join(repo_root, "train_accelerate.py"),
-               "--config", "train_shakespeare_char_cpu", f"--out_dir={out}", "--max_iters=3",
-               f"--data_dir={os.path.join(repo_root, 'data', 'shakespeare_char')}"]
+        log = os.path.join(tmp, "out", "log.jsonl")
+        _prepare_shakespeare_char(repo_root)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo_root)
-        log = os.path.join(out, "log.jsonl")
+        proc = _launch_quickstart(repo_root, os.path.join(tmp, "out"), "--max_iters=3")
         first = None
-        while proc.poll() is None or first is None:
+        while first is None and proc.poll() is None:
             if os.path.exists(log) and any('"train/loss"' in ln for ln in open(log)):
                 first = time.perf_counter() - t0
-                break
-            if proc.poll() is not None:
-                break
             time.sleep(0.02)
-        proc.wait()
+        proc.communicate()
     if first is None:
         raise UserError("the quickstart start-up run failed")
     return {"what": "startup", "seconds_to_first_step": first}
+
+
+def bench_quickstart(repo_root, seed=None, iters=None):
+    """The whole CPU quickstart run (train_shakespeare_char_cpu): median ms/iter and the val loss it reaches."""
+    overrides = ([f"--seed={seed}"] if seed is not None else []) + \
+        ([f"--max_iters={iters}", f"--lr_decay_iters={iters}"] if iters else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out")
+        _prepare_shakespeare_char(repo_root)
+        t0 = time.perf_counter()
+        proc = _launch_quickstart(repo_root, out, *overrides)
+        _, stderr = proc.communicate()
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise UserError(f"the quickstart run failed: {stderr.strip().splitlines()[-1:]}")
+        records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"), encoding="utf-8")]
+    steps = [r["time_ms"] for r in records if "time_ms" in r]
+    final = [r for r in records if "val/loss" in r][-1]
+    return {"what": "quickstart", "seconds": seconds, "iters": len(steps), "median_ms_per_iter": statistics.median(steps),
+            "val_loss_iter": final["iter"], "val_loss": final["val/loss"]}
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -228,7 +297,8 @@ def _print(result):
         print(f"train {result['shape']:<10} {result['dtype']:<8} compile={result['compile']!s:<5} | "
               f"ours {ms['nanogpt_hf']:8.1f} ms ({mfu['nanogpt_hf'] * 100:5.1f}% MFU) | GPT2LMHeadModel "
               f"{ms['GPT2LMHeadModel']:8.1f} ms ({mfu['GPT2LMHeadModel'] * 100:5.1f}% MFU) | "
-              f"speed-up x{result['speedup_vs_GPT2LMHeadModel']:.2f}")
+              f"speed-up x{result['speedup_vs_GPT2LMHeadModel']:.2f}" +
+              (f" | nanoGPT {ms['nanoGPT']:8.1f} ms, speed-up x{result['speedup_vs_nanoGPT']:.2f}" if "nanoGPT" in ms else ""))
     elif what == "generate":
         t = result["tokens_per_s"]
         print(f"generate {result['shape']} batch 1, {result['new_tokens']} new tokens | KV cache {t['nanogpt_hf_kv_cache']:.0f} tok/s, "
@@ -240,6 +310,9 @@ def _print(result):
         print(f"prepare {result['corpus_mb']:.0f} MB, num_proc {result['num_proc']} | {result['seconds']:.1f} s, "
               f"{result['end_to_end_mb_per_s']:.1f} MB/s end to end, tokenizer {result['tokenize_mb_per_s']:.1f} MB/s | "
               f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    elif what == "quickstart":
+        print(f"quickstart (CPU config): {result['iters']} iterations, median {result['median_ms_per_iter']:.1f} ms/iter, "
+              f"val loss {result['val_loss']:.4f} at iteration {result['val_loss_iter']}, {result['seconds']:.0f} s in all")
     elif what == "startup":
         print(f"startup: accelerate launch -> first training step {result['seconds_to_first_step']:.2f} s")
     elif what == "peak":
@@ -249,7 +322,7 @@ def _print(result):
 @cli_main
 def main(argv=None):
     p = argparse.ArgumentParser(prog="nanogpt-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--what", default="train,generate", help="comma list of: train, generate, prepare, startup")
+    p.add_argument("--what", default="train,generate", help="comma list of: " + ", ".join(WHATS))
     p.add_argument("--shapes", default=None, help=f"training shapes, comma list of {', '.join(SHAPES)} "
                                                    f"(default: quickstart,baby on CPU, all on GPU)")
     p.add_argument("--dtypes", default="auto", help="float32, bfloat16, float16 (auto: float32 on CPU, bfloat16 on GPU)")
@@ -261,21 +334,29 @@ def main(argv=None):
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--corpus_mb", type=float, default=200)
     p.add_argument("--num_proc", type=int, default=2)
+    p.add_argument("--seed", type=int, default=None, help="quickstart: another seed than the config's")
+    p.add_argument("--quickstart_iters", type=int, default=None, help="quickstart: fewer iterations than the config's")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--profile", default=None, help="write a torch profiler trace of one training step here")
+    p.add_argument("--nanogpt_dir", default=None, help="a clone of karpathy/nanoGPT: its model.py is timed too")
+    p.add_argument("--default_allocator", action="store_true",
+                   help="CPU: leave glibc malloc as it is (as other trainers run) instead of the trainer's setting")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     whats = args.what.split(",")
-    unknown = set(whats) - {"train", "generate", "prepare", "startup"}
+    unknown = set(whats) - set(WHATS)
     if unknown:
-        raise UserError(f"--what: unknown {', '.join(sorted(unknown))}; choose from train, generate, prepare, startup")
+        raise UserError(f"--what: unknown {', '.join(sorted(unknown))}; choose from {', '.join(WHATS)}")
     shapes = (args.shapes or ("quickstart,baby" if device.type == "cpu" else ",".join(SHAPES))).split(",")
     if set(shapes) - set(SHAPES):
         raise UserError(f"--shapes: unknown {', '.join(sorted(set(shapes) - set(SHAPES)))}; choose from {', '.join(SHAPES)}")
     dtypes = (["float32"] if device.type == "cpu" else ["bfloat16"]) if args.dtypes == "auto" else args.dtypes.split(",")
+    if device.type == "cpu" and not args.default_allocator:  # the trainer's setting; process-wide: all models get it
+        keep_freed_memory_mapped()
     results = [{"what": "machine", "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "cpu_allocator": "default" if args.default_allocator else "trainer's (keep_freed_memory_mapped)",
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "date": time.strftime("%Y-%m-%d")}]
     if "train" in whats or "generate" in whats:
@@ -287,7 +368,8 @@ def main(argv=None):
         for shape in shapes:
             for dtype in dtypes:
                 for compiled in ([False, True] if args.compile else [False]):
-                    results.append(bench_train(shape, device, peak, args.warmup, args.repeats, compiled, dtype))
+                    results.append(bench_train(shape, device, peak, args.warmup, args.repeats, compiled, dtype,
+                                               args.nanogpt_dir))
                     _print(results[-1])
         if device.type == "cpu":  # the matmul rate drifts on a shared machine: measure it again after
             results.append({"what": "peak", "flops": measured_matmul_flops(), "source": "re-measured after training"})
@@ -299,8 +381,12 @@ def main(argv=None):
     if "prepare" in whats:
         results.append(bench_prepare(args.corpus_mb, args.num_proc))
         _print(results[-1])
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if "startup" in whats:
-        results.append(bench_startup(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        results.append(bench_startup(repo_root))
+        _print(results[-1])
+    if "quickstart" in whats:
+        results.append(bench_quickstart(repo_root, args.seed, args.quickstart_iters))
         _print(results[-1])
     if args.profile:
         _profile(shapes[0], device, args.profile)
@@ -314,7 +400,7 @@ def _profile(shape_name, device, path):
     from torch.profiler import ProfilerActivity, profile
 
     ours, _ = _models(SHAPES[shape_name], device)
-    step = _train_step_fn(ours, True, SHAPES[shape_name], device, None, fused=True, return_logits=False)
+    step = _train_step_fn(ours, "nanogpt_hf", SHAPES[shape_name], device, None, fused=True)
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:

@@ -10,6 +10,7 @@ import os
 
 import yaml
 
+from .configuration_nanogpt import ACTIVATIONS
 from .errors import UserError
 
 __all__ = ["DEFAULTS", "load_config", "parse_cli", "resolve_config_path", "validate"]
@@ -46,6 +47,7 @@ DEFAULTS = dict(
     n_embd=768,
     dropout=0.0,  # for pretraining 0 is good, for finetuning try 0.1+
     bias=False,  # do we use bias inside LayerNorm and Linear layers?
+    activation_function="gelu",  # nanoGPT's exact GELU; 'gelu_new' is GPT-2's tanh one (4x slower kernel on CPU)
     # adamw optimizer
     learning_rate=6e-4,  # max learning rate
     max_iters=600000,  # total number of training iterations
@@ -78,6 +80,7 @@ DEFAULTS = dict(
 )
 
 CHOICES = dict(
+    activation_function=ACTIVATIONS,
     data_source=("memmap", "streaming"),
     device=("auto", "cpu", "cuda"),
     dtype=("auto", "float32", "bfloat16", "float16"),

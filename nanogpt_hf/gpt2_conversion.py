@@ -13,13 +13,12 @@ import os
 
 import torch
 
-from .configuration_nanogpt import GPT2_PRESETS, NanoGPTConfig
+from .configuration_nanogpt import ACTIVATIONS, GPT2_PRESETS, NanoGPTConfig
 
 __all__ = ["load_gpt2_state_dict", "nanogpt_config_from_gpt2", "gpt2_to_nanogpt_state_dict", "to_gpt2_model"]
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # leading dot: `c_attn.bias` also ends in `attn.bias`
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
 def hub_id(name):
@@ -75,8 +74,8 @@ def gpt2_to_nanogpt_state_dict(state_dict):
 
 def nanogpt_config_from_gpt2(gpt2_config, dropout=None, **overrides):
     activation = gpt2_config.get("activation_function", "gelu_new")
-    if activation not in TANH_GELUS:
-        raise ValueError(f"GPT-2 checkpoint uses activation {activation!r}; NanoGPT implements tanh GELU only")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"GPT-2 checkpoint uses activation {activation!r}; NanoGPT implements {', '.join(ACTIVATIONS)}")
     args = dict(
         vocab_size=gpt2_config["vocab_size"],
         block_size=gpt2_config.get("n_positions", gpt2_config.get("n_ctx", 1024)),
@@ -84,6 +83,7 @@ def nanogpt_config_from_gpt2(gpt2_config, dropout=None, **overrides):
         n_head=gpt2_config["n_head"],
         n_embd=gpt2_config["n_embd"],
         bias=True,  # always True for GPT-2 checkpoints
+        activation_function=activation,
         dropout=0.0 if dropout is None else dropout,
         layer_norm_epsilon=gpt2_config.get("layer_norm_epsilon", 1e-5),
         bos_token_id=gpt2_config.get("bos_token_id", 50256),
@@ -105,7 +105,7 @@ def to_gpt2_model(model):
             n_embd=cfg.n_embd,
             n_layer=cfg.n_layer,
             n_head=cfg.n_head,
-            activation_function="gelu_new",
+            activation_function=cfg.activation_function,
             resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout,

@@ -33,14 +33,14 @@ from .checkpoint import (
 from .config import load_config
 from .data import MemmapBatches, StreamingBatches
 from .errors import UserError, cli_main
-from .hardware import peak_flops
+from .hardware import keep_freed_memory_mapped, peak_flops
 from .model_io import load_model_and_tokenizer, save_model_folder
 from .prepare import read_meta
 from .tokenization import check_same_vocabulary, gpt2_hf_tokenizer, tokenizer_signature
 
 __all__ = ["main", "train", "get_lr"]
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "activation_function", "vocab_size")
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -102,6 +102,8 @@ def make_accelerator(cfg):
                               log_with=trackers or None, project_dir=cfg["out_dir"])
     for w in warnings:
         accelerator.print(f"warning: {w}")
+    if not on_gpu:
+        keep_freed_memory_mapped()  # no per-step page faults for the step's big temporaries (hardware.py)
     return accelerator
 
 
@@ -207,13 +209,15 @@ def build_model(cfg, tokenizer, log, ckpt=None, ckpt_state=None):
     data_sig = tokenizer_signature(tokenizer)
     if ckpt is not None:
         check_same_vocabulary(ckpt_state["tokenizer"], data_sig, ckpt)
-        return NanoGPTForCausalLM.from_pretrained(os.path.join(ckpt, "model"), dropout=cfg["dropout"])
+        return _adopt_model_shape(cfg, NanoGPTForCausalLM.from_pretrained(os.path.join(ckpt, "model"),
+                                                                         dropout=cfg["dropout"]))
     _refuse_other_runs(cfg)
     if init_from == "scratch":
         log("Initializing a new model from scratch")
         config = NanoGPTConfig(vocab_size=_vocab_size_for(tokenizer), block_size=cfg["block_size"],
                                n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                               dropout=cfg["dropout"], bias=cfg["bias"], pad_token_id=tokenizer.pad_token_id,
+                               dropout=cfg["dropout"], bias=cfg["bias"], activation_function=cfg["activation_function"],
+                               pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
         return NanoGPTForCausalLM(config)
     log(f"Initializing from {init_from}")
@@ -225,7 +229,12 @@ def build_model(cfg, tokenizer, log, ckpt=None, ckpt_state=None):
                         f"{model.config.block_size}; use block_size <= {model.config.block_size}")
     if cfg["block_size"] < model.config.block_size:
         model.crop_block_size(cfg["block_size"])  # model surgery to decrease the block size if necessary
-    for key in ("n_layer", "n_head", "n_embd", "bias"):  # the checkpoint's shape wins, like nanoGPT
+    return _adopt_model_shape(cfg, model)
+
+
+def _adopt_model_shape(cfg, model):
+    """The loaded model's shape wins over the config's, like nanoGPT (and the saved config says so)."""
+    for key in ("n_layer", "n_head", "n_embd", "bias", "activation_function"):
         cfg[key] = getattr(model.config, key)
     return model
 
@@ -238,7 +247,8 @@ def _shape_of(cfg_or_model_config):
 
 def _check_shape(cfg, ckpt_shape, where):
     for key in SHAPE_KEYS:
-        if key in cfg and key != "vocab_size" and cfg[key] != ckpt_shape[key]:
+        # keys a checkpoint does not record (written before they existed) cannot disagree
+        if key in cfg and key in ckpt_shape and key != "vocab_size" and cfg[key] != ckpt_shape[key]:
             raise UserError(f"{where} was trained with {key}={ckpt_shape[key]!r} but the config says {cfg[key]!r}: "
                             f"resume with the run's own config, or use another out_dir")
 
@@ -316,7 +326,7 @@ def estimate_loss(model, cfg, accelerator, data_dir, iter_num):
         for k in range(local_iters):
             x, y = (t.to(accelerator.device) for t in source.next_batch())
             with accelerator.autocast():
-                losses[k] = model(x, shift_labels=y, use_cache=False, return_logits=False).loss.float()
+                losses[k] = model(x, shift_labels=y, use_cache=False).loss.float()
         out[split] = accelerator.gather_for_metrics(losses).mean().item()
     model.train()
     return out
@@ -483,8 +493,7 @@ def train(cfg):
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         run_log.log({"iter": iter_num, "train/loss_eval": losses["train"], "val/loss": losses["val"],
                      "val/perplexity": math.exp(min(losses["val"], 50))})
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
+        _finish(accelerator)
         return {"iter_num": iter_num, "val_loss": losses["val"], "train_loss": losses["train"]}
     while True:
         lr = get_lr(iter_num, cfg)
@@ -519,7 +528,7 @@ def train(cfg):
             fault_point("step")
             x, y = (t.to(accelerator.device, non_blocking=True) for t in train_source.next_batch())
             with accelerator.accumulate(model), accelerator.autocast():
-                loss = model(x, shift_labels=y, use_cache=False, return_logits=False).loss  # chunked loss
+                loss = model(x, shift_labels=y, use_cache=False).loss
                 accelerator.backward(loss)  # divided by the per-process accumulation inside
             loss_sum += loss.detach().float()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
@@ -548,14 +557,26 @@ def train(cfg):
             gn = grad_norm.item() if torch.is_tensor(grad_norm) else float(grad_norm)
             run_log.log({"iter": iter_num - 1, "train/loss": lossf, "lr": lr, "grad_norm": gn, "time_ms": dt * 1000,
                          "tokens_per_s": tokens_per_iter / dt, "mfu": max(running_mfu, 0.0)})
-            bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.2e}", ms=f"{dt * 1000:.1f}", mfu=f"{max(running_mfu, 0) * 100:.1f}%")
+            # refresh=False: the bar redraws at most every 0.1 s (update's own throttle), not on every step
+            bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.2e}", ms=f"{dt * 1000:.1f}", mfu=f"{max(running_mfu, 0) * 100:.1f}%",
+                            refresh=False)
     bar.close()
     if last_val is not None:
         log(f"done: iter {iter_num}, val loss {last_val:.4f} (best {best_val_loss:.4f}); model folder: {cfg['out_dir']}")
     _maybe_push(cfg, accelerator, "end", raw_model, tokenizer, None)
+    _finish(accelerator)
+    return {"iter_num": iter_num, "val_loss": last_val, "best_val_loss": best_val_loss}
+
+
+def _finish(accelerator):
     accelerator.wait_for_everyone()  # ranks leave together: a rank tearing down gloo early can hang its peer
     accelerator.end_training()
-    return {"iter_num": iter_num, "val_loss": last_val, "best_val_loss": best_val_loss}
+    if accelerator.num_processes > 1:
+        # torch 2.13 + gloo: gloo's work thread frees the last collectives' tensors after they have returned and
+        # needs the GIL to do it. If the DDP model is freed first (under the GIL, when train() returns),
+        # ~ProcessGroupGloo joins that thread and both wait forever (seen with gdb in a restarted torchrun worker).
+        # Sleeping releases the GIL so the thread can finish first.
+        time.sleep(0.2)
 
 
 def _all_finite(accelerator, loss, grad_norm):

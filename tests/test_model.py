@@ -21,6 +21,7 @@ from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
         (dict(n_head=0), "n_head"),
         (dict(dropout=1.0), "dropout"),
         (dict(dropout=-0.1), "dropout"),
+        (dict(activation_function="relu"), "activation_function"),
     ],
 )
 def test_config_rejects_invalid_values_naming_the_field(overrides, field):
@@ -98,14 +99,15 @@ def test_from_gpt2_reads_pytorch_model_bin(tmp_path):
         assert torch.allclose(ours(x).logits, gpt2(x).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_to_gpt2_is_the_same_function(bias):
-    ours = tiny_model(bias=bias)
+@pytest.mark.parametrize("bias, activation", [(True, "gelu_new"), (False, "gelu_new"), (False, "gelu")])
+def test_to_gpt2_is_the_same_function(bias, activation):
+    ours = tiny_model(bias=bias, activation_function=activation)
     with torch.no_grad():  # non-trivial LayerNorms and biases
         for name, p in ours.named_parameters():
             if "ln" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     gpt2 = ours.to_gpt2().eval()
+    assert gpt2.config.activation_function == activation
     x = torch.randint(0, 96, (3, 32))
     with torch.no_grad():
         assert torch.allclose(ours(x).logits, gpt2(x).logits, atol=1e-5)
@@ -113,6 +115,25 @@ def test_to_gpt2_is_the_same_function(bias):
         assert all(p.abs().max() == 0 for n, p in gpt2.named_parameters() if n.endswith("bias") and "ln" not in n)
     assert torch.equal(ours.generate(x[:, :4], max_new_tokens=25, do_sample=False),
                        gpt2.generate(x[:, :4], max_new_tokens=25, do_sample=False))
+
+
+def test_exact_and_tanh_gelu_are_different_functions_and_load_from_gpt2_folders(tmp_path):
+    """nanoGPT's exact GELU is not GPT-2's tanh one: the switch takes effect, and a GPT-2 folder's own
+    activation_function is kept when it loads (logits equal GPT2LMHeadModel's for both)."""
+    x = torch.randint(0, 96, (2, 32))
+    logits = {}
+    for activation in ("gelu", "gelu_new"):
+        gpt2 = _random_gpt2(seed=2)
+        gpt2.config.activation_function = activation
+        gpt2 = GPT2LMHeadModel(gpt2.config).eval()
+        gpt2.load_state_dict(_random_gpt2(seed=2).state_dict())
+        gpt2.save_pretrained(tmp_path / activation)
+        ours = NanoGPTForCausalLM.from_gpt2(str(tmp_path / activation)).eval()
+        assert ours.config.activation_function == activation
+        with torch.no_grad():
+            logits[activation] = ours(x).logits
+            assert torch.allclose(logits[activation], gpt2(x).logits, atol=1e-5)
+    assert not torch.allclose(logits["gelu"], logits["gelu_new"], atol=1e-4)  # same weights, other function
 
 
 def test_export_folder_round_trips_through_plain_transformers(tmp_path):
@@ -233,45 +254,10 @@ def test_training_step_and_dropout(tiny):
     assert out.cache is None if hasattr(out, "cache") else out.past_key_values is None
 
 
-@pytest.mark.parametrize("chunk_elems", [2**22, 96 * 5])  # one chunk, and chunks of 5 rows (a ragged last one)
-def test_chunked_loss_equals_the_usual_loss_and_gradients(chunk_elems):
-    from nanogpt_hf.modeling_nanogpt import ChunkedLinearCrossEntropy
-
-    torch.manual_seed(0)
-    h = torch.randn(37, 32, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(96, 32, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, 96, (37,))
-    t[[3, 10]] = -100  # ignored positions
-    loss = ChunkedLinearCrossEntropy.apply(h, w, t, -100, chunk_elems)
-    (2.5 * loss).backward()
-    g_h, g_w = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
-    (2.5 * ref).backward()
-    assert torch.allclose(loss, ref) and torch.allclose(g_h, h.grad) and torch.allclose(g_w, w.grad)
-
-
-def test_return_logits_false_trains_the_same_model(tiny, monkeypatch):
-    import nanogpt_hf.modeling_nanogpt as modeling
-
-    monkeypatch.setattr(modeling, "CHUNKED_LOSS_MIN_ELEMS", 0)  # chunk even these small logits
-    model = tiny_model(dropout=0.0).train()
-    x = torch.randint(0, 96, (4, 32))
-    fast = model(x, labels=x, return_logits=False)
-    assert fast.logits is None
-    fast.loss.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    usual = model(x, labels=x)
-    usual.loss.backward()
-    assert torch.allclose(fast.loss, usual.loss, atol=1e-6)
-    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(grads, model.parameters()))
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_gradients_equal_gpt2lmheadmodel(bias):
+@pytest.mark.parametrize("bias, activation", [(True, "gelu_new"), (False, "gelu_new"), (False, "gelu")])
+def test_gradients_equal_gpt2lmheadmodel(bias, activation):
     """Backward too: the same loss gives the same gradients as transformers' GPT-2 (Conv1D weights transposed)."""
-    ours = tiny_model(bias=bias).train()
+    ours = tiny_model(bias=bias, activation_function=activation).train()
     gpt2 = ours.to_gpt2().train()
     x = torch.randint(0, 96, (3, 32))
     ours(x, labels=x).loss.backward()

@@ -180,6 +180,19 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
     assert any(e.get("name", "").startswith("aten::") for e in json.load(open(trace))["traceEvents"])
 
 
+def test_bench_startup_and_quickstart_run_the_real_launcher(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli([sys.executable, "-m", "nanogpt_hf.bench", "--what", "startup,quickstart", "--quickstart_iters", "12",
+                    "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = {r["what"]: r for r in json.load(open(out))}
+    quick = results["quickstart"]
+    assert quick["iters"] == 12 and quick["val_loss_iter"] == 0 and 3.5 < quick["val_loss"] < 4.5  # ln(65) = 4.17
+    assert 0 < quick["median_ms_per_iter"] < quick["seconds"] * 1000
+    assert 0 < results["startup"]["seconds_to_first_step"] < 120
+    assert "median" in proc.stdout and "first training step" in proc.stdout
+
+
 def test_plot_writes_a_png(char_run):
     proc = run_cli([sys.executable, "-m", "nanogpt_hf.plot", char_run])
     assert proc.returncode == 0, proc.stderr
