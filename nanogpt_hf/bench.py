@@ -316,7 +316,7 @@ def _print(result):
     elif what == "startup":
         print(f"startup: accelerate launch -> first training step {result['seconds_to_first_step']:.2f} s")
     elif what == "peak":
-        print(f"peak: {result['flops'] / 1e9:.0f} GFLOP/s ({result['source']})")
+        print(f"peak {result['dtype']}: {result['flops'] / 1e9:.0f} GFLOP/s ({result['source']})")
 
 
 @cli_main
@@ -359,20 +359,23 @@ def main(argv=None):
                 "cpu_allocator": "default" if args.default_allocator else "trainer's (keep_freed_memory_mapped)",
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "date": time.strftime("%Y-%m-%d")}]
-    if "train" in whats or "generate" in whats:
-        peak = peak_flops(device, args.peak_flops)
-        source = "--peak-flops" if args.peak_flops else ("data sheet" if device.type == "cuda" else "measured fp32 matmul 2048^3")
-        results.append({"what": "peak", "flops": peak, "source": source})
-        _print(results[-1])
+    peaks = {}
     if "train" in whats:
+        for dtype in dtypes:  # on CPU each dtype's own matmul rate (bf16 runs on AMX where the CPU has it)
+            peaks[dtype] = peak_flops(device, args.peak_flops, getattr(torch, dtype))
+            source = "--peak-flops" if args.peak_flops else (
+                "data sheet" if device.type == "cuda" else f"measured {dtype} matmul 2048^3")
+            results.append({"what": "peak", "dtype": dtype, "flops": peaks[dtype], "source": source})
+            _print(results[-1])
         for shape in shapes:
             for dtype in dtypes:
                 for compiled in ([False, True] if args.compile else [False]):
-                    results.append(bench_train(shape, device, peak, args.warmup, args.repeats, compiled, dtype,
+                    results.append(bench_train(shape, device, peaks[dtype], args.warmup, args.repeats, compiled, dtype,
                                                args.nanogpt_dir))
                     _print(results[-1])
         if device.type == "cpu":  # the matmul rate drifts on a shared machine: measure it again after
-            results.append({"what": "peak", "flops": measured_matmul_flops(), "source": "re-measured after training"})
+            results.append({"what": "peak", "dtype": "float32", "flops": measured_matmul_flops(),
+                            "source": "re-measured after training"})
             _print(results[-1])
     if "generate" in whats:
         results.append(bench_generate(device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,

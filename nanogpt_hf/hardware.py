@@ -38,8 +38,9 @@ def measured_matmul_flops(n=2048, repeats=3, dtype=torch.float32):
     return 2 * n**3 / best
 
 
-def peak_flops(device, override=None):
-    """FLOP/s that MFU is measured against: override, else the GPU's table entry, else measured on the CPU."""
+def peak_flops(device, override=None, dtype=torch.float32):
+    """FLOP/s that MFU is measured against: override, else the GPU's table entry (bf16/fp16), else the rate of
+    a dtype matmul measured on the CPU (bf16 on a CPU with AMX is several times its fp32 rate)."""
     if override:
         return float(override)
     device = torch.device(device)
@@ -49,7 +50,7 @@ def peak_flops(device, override=None):
             if key in name:
                 return flops
         return 312e12  # unknown GPU: nanoGPT's A100 reference
-    return measured_matmul_flops()
+    return measured_matmul_flops(dtype=dtype)
 
 
 def keep_freed_memory_mapped():

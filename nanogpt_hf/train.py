@@ -475,7 +475,7 @@ def train(cfg):
 
     raw_model = accelerator.unwrap_model(model)
     n_params = raw_model.get_num_params()
-    peak = peak_flops(accelerator.device)
+    peak = peak_flops(accelerator.device, dtype={"bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32))
     flops_per_iter = raw_model.flops_per_token(cfg["block_size"]) * tokens_per_iter / world  # per process (MFU per device)
     log(f"world size {world} | tokens per iteration will be: {tokens_per_iter:,} "
         f"({cfg['gradient_accumulation_steps']} accumulation x {cfg['batch_size']} batch x {cfg['block_size']} block; "
