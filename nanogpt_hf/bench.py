@@ -242,13 +242,13 @@ def _prepare_shakespeare_char(repo_root):
                    capture_output=True, check=True)
 
 
-def _launch_quickstart(repo_root, out, *overrides):
+def _launch_quickstart(repo_root, out, *overrides, stderr=subprocess.PIPE):
     """`accelerate launch` of the CPU quickstart config into out, as a Popen."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(repo_root, "accelerate_configs", "cpu.yaml"), os.path.join(repo_root, "train_accelerate.py"),
            "--config", "train_shakespeare_char_cpu", f"--out_dir={out}",
            f"--data_dir={os.path.join(repo_root, 'data', 'shakespeare_char')}", *overrides]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=repo_root)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, cwd=repo_root)
 
 
 def bench_startup(repo_root):
@@ -257,7 +257,8 @@ def bench_startup(repo_root):
         log = os.path.join(tmp, "out", "log.jsonl")
         _prepare_shakespeare_char(repo_root)
         t0 = time.perf_counter()
-        proc = _launch_quickstart(repo_root, os.path.join(tmp, "out"), "--max_iters=3")
+        # stderr not piped: nothing reads it while the log is polled
+        proc = _launch_quickstart(repo_root, os.path.join(tmp, "out"), "--max_iters=3", stderr=subprocess.DEVNULL)
         first = None
         while first is None and proc.poll() is None:
             if os.path.exists(log) and any('"train/loss"' in ln for ln in open(log)):

@@ -59,9 +59,10 @@ def keep_freed_memory_mapped():
     A CPU training step allocates and frees the same large activations and gradients every step. By default glibc
     maps each block above its mmap threshold afresh and unmaps it on free, and trims the heap top, so the memory
     is page-faulted in again every step: 165,000 minor faults and 0.3 s of kernel time per step at the 6-layer/384
-    BPE shape, 500 at the quickstart shape. With both thresholds raised the faults drop to ~0 (measured: baby
-    shape 2043 -> 1907 ms, quickstart 28.3 -> 27.4 ms). The cost: the process keeps its peak heap until it exits,
-    which a training process reaches again every step anyway. Does nothing where glibc is not the allocator.
+    BPE shape, 500 at the quickstart shape. With both thresholds raised the faults drop to ~0 (nanogpt-bench:
+    baby shape step 2013 -> 1564 ms, quickstart 30.4 -> 29.5 ms). The cost: the process keeps its peak heap until
+    it exits, which a training process reaches again every step anyway. Does nothing where glibc is not the
+    allocator.
     """
     name = ctypes.util.find_library("c")
     try:

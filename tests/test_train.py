@@ -195,10 +195,12 @@ def test_cpu_allocator_setting_stops_per_step_page_faults():
         "    assert keep_freed_memory_mapped()\n"
         "for _ in range(3):  # the heap settles over the first few blocks\n"
         "    torch.empty(16 << 20).fill_(1.0)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "faults = []\n"
         "for _ in range(20):\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "    torch.empty(16 << 20).fill_(1.0)  # 64 MB, freed at once\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)\n"
+        "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "print(sorted(faults)[10])  # the median round: the kernel may reclaim idle pages now and then\n"
     )
     faults = {}
     for mode in ("default", "tuned"):
