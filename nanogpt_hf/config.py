@@ -13,7 +13,7 @@ import yaml
 from .configuration_nanogpt import ACTIVATIONS
 from .errors import UserError
 
-__all__ = ["DEFAULTS", "load_config", "parse_cli", "resolve_config_path", "validate"]
+__all__ = ["DEFAULTS", "load_config", "parse_cli", "resolve_config_path", "validate", "public_config"]
 
 # ----------------------------------------------------------------------------------------------- defaults
 # default config values designed to train a gpt2 (124M) on OpenWebText (nanoGPT's train.py)
@@ -253,6 +253,11 @@ def _help():
     lines = ["usage: train_accelerate.py [--config NAME_OR_PATH] [--key=value ...]", "", "keys and defaults:"]
     lines += [f"  --{k}={v!r}" for k, v in DEFAULTS.items()]
     return "\n".join(lines)
+
+
+def public_config(cfg):
+    """The config as saved and shown: without the bookkeeping keys (`_config_file`, `_explicit`)."""
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def load_config(argv=()):

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from .errors import UserError, cli_main
 from .model_io import load_model_and_tokenizer
-from .prepare import read_meta
+from .prepare import dataset_dir, read_meta
 from .tokenization import check_same_vocabulary, meta_signature, tokenizer_signature
 
 __all__ = ["main", "evaluate_tokens", "score_multiple_choice", "write_model_card_results"]
@@ -81,7 +81,7 @@ def evaluate_tokens(model, tokens, block_size, batch_size, accelerator=None):
 
 def _load_tokens(args, tokenizer):
     if args.dataset or args.data_dir:
-        data_dir = args.data_dir or os.path.join("data", args.dataset)
+        data_dir = args.data_dir or dataset_dir(args.dataset)
         meta = read_meta(data_dir)
         path = os.path.join(data_dir, f"{args.split}.bin")
         if not os.path.exists(path):

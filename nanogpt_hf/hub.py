@@ -10,7 +10,9 @@ import os
 import yaml
 
 from .checkpoint import latest_checkpoint
+from .config import public_config
 from .errors import UserError
+from .plot import read_log
 
 __all__ = ["model_card", "push_run", "download_training_state", "MODEL_FILES"]
 
@@ -28,17 +30,14 @@ def _run_state(out_dir):
 
 
 def _last_losses(out_dir):
-    path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(out_dir, "log.jsonl")):
         return None, None
-    with open(path, encoding="utf-8") as f:
-        evals = [r for r in map(json.loads, f) if "val/loss" in r]
+    evals = [r for r in read_log(out_dir) if "val/loss" in r]
     return (evals[-1]["train/loss_eval"], evals[-1]["val/loss"]) if evals else (None, None)
 
 
 def model_card(cfg, state, train_loss=None, val_loss=None):
     """README.md of a pushed run: what was trained, on what, how far, and the command that reproduces it."""
-    public = {k: v for k, v in cfg.items() if not k.startswith("_")}
     tokens = f"{state['tokens_seen']:,}" if state else "unknown"
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a"  # noqa: E731
     return f"""---
@@ -73,7 +72,7 @@ accelerate launch train_accelerate.py --config train_config.yaml
 ## Training config
 
 ```yaml
-{yaml.safe_dump(public, sort_keys=False).strip()}
+{yaml.safe_dump(public_config(cfg), sort_keys=False).strip()}
 ```
 """
 

@@ -13,6 +13,7 @@ tokenizer or vocabulary than the model's.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from .errors import UserError, cli_main
 from .tokenization import ASSETS, GPT2_EOT, gpt2_encoding
 
-__all__ = ["prepare_shakespeare_char", "prepare_shakespeare", "prepare_documents", "read_meta", "main"]
+__all__ = ["prepare_shakespeare_char", "prepare_shakespeare", "prepare_documents", "read_meta", "dataset_dir", "main"]
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 UINT16_VOCAB = 2**16
@@ -32,10 +33,17 @@ BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", 
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _atomic_tmp(path):
+@contextlib.contextmanager
+def _atomic(path):
+    """A temporary name next to path to write to: renamed onto path if the block completes, removed if not."""
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
     os.close(fd)
-    return tmp
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_bin(path, ids):
@@ -43,24 +51,21 @@ def write_bin(path, ids):
     ids = np.asarray(ids)
     if ids.size and int(ids.max()) >= UINT16_VOCAB:
         raise UserError(f"{path}: token id {int(ids.max())} does not fit uint16 bins; use a vocabulary under 65,536")
-    tmp = _atomic_tmp(path)
-    try:
+    with _atomic(path) as tmp:
         ids.astype(np.uint16).tofile(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_json(path, obj):
-    tmp = _atomic_tmp(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with _atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def dataset_dir(name):
+    """data/<name> under the working directory, else the one in this repository checkout (where prepare.py
+    scripts write by default)."""
+    local = os.path.join("data", name)
+    repo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", name)
+    return local if os.path.isdir(local) or not os.path.isdir(repo) else repo
 
 
 def read_meta(data_dir):
@@ -275,8 +280,7 @@ def _write_memmap(path, dset, total_batches):
     import pyarrow.compute as pc
 
     arr_len = int(pc.sum(dset.with_format("arrow")[:]["len"]).as_py() or 0)
-    tmp = _atomic_tmp(path)
-    try:
+    with _atomic(path) as tmp:
         arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(max(arr_len, 1),))
         idx = 0
         n_shards = max(1, min(total_batches, len(dset)))
@@ -289,10 +293,6 @@ def _write_memmap(path, dset, total_batches):
         del arr
         if arr_len == 0:
             os.truncate(tmp, 0)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return arr_len
 
 

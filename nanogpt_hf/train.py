@@ -30,12 +30,12 @@ from .checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
-from .config import load_config
+from .config import load_config, public_config
 from .data import MemmapBatches, StreamingBatches
 from .errors import UserError, cli_main
 from .hardware import keep_freed_memory_mapped, peak_flops
 from .model_io import load_model_and_tokenizer, save_model_folder
-from .prepare import read_meta
+from .prepare import dataset_dir, read_meta
 from .tokenization import check_same_vocabulary, gpt2_hf_tokenizer, tokenizer_signature
 
 __all__ = ["main", "train", "get_lr"]
@@ -137,11 +137,7 @@ def _check_world_size(world):
 
 
 def _data_dir(cfg):
-    if cfg["data_dir"]:
-        return cfg["data_dir"]
-    local = os.path.join("data", cfg["dataset"])
-    repo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", cfg["dataset"])
-    return local if os.path.isdir(local) or not os.path.isdir(repo) else repo
+    return cfg["data_dir"] or dataset_dir(cfg["dataset"])
 
 
 def data_tokenizer(cfg):
@@ -239,10 +235,8 @@ def _adopt_model_shape(cfg, model):
     return model
 
 
-def _shape_of(cfg_or_model_config):
-    get = cfg_or_model_config.get if isinstance(cfg_or_model_config, dict) else \
-        (lambda k, d=None: getattr(cfg_or_model_config, k, d))
-    return {k: get(k) for k in SHAPE_KEYS}
+def _shape_of(model_config):
+    return {k: getattr(model_config, k) for k in SHAPE_KEYS}
 
 
 def _check_shape(cfg, ckpt_shape, where):
@@ -291,26 +285,28 @@ def maybe_compile(model, cfg, log):
 
 
 # ------------------------------------------------------------------------------------------- data
+def _streaming_source(cfg, accelerator, files, split, log):
+    return StreamingBatches(cfg["block_size"], cfg["batch_size"], dataset=cfg["stream_dataset"] or None,
+                            files=files or None, split=split, text_column=cfg["stream_text_column"],
+                            rank=accelerator.process_index, world_size=accelerator.num_processes, log=log)
+
+
 def make_train_source(cfg, accelerator, data_dir):
-    rank, world = accelerator.process_index, accelerator.num_processes
     if cfg["data_source"] == "streaming":
-        return StreamingBatches(cfg["block_size"], cfg["batch_size"], dataset=cfg["stream_dataset"] or None,
-                                files=cfg["stream_files"] or None, split=cfg["stream_split"],
-                                text_column=cfg["stream_text_column"], rank=rank, world_size=world, log=accelerator.print)
-    return MemmapBatches(data_dir, "train", cfg["block_size"], cfg["batch_size"], cfg["seed"], rank, world)
+        return _streaming_source(cfg, accelerator, cfg["stream_files"], cfg["stream_split"], accelerator.print)
+    return MemmapBatches(data_dir, "train", cfg["block_size"], cfg["batch_size"], cfg["seed"],
+                         accelerator.process_index, accelerator.num_processes)
 
 
 def make_eval_source(cfg, accelerator, data_dir, split, iter_num):
     """A fresh source per evaluation: deterministic (no training state to save), different at each eval."""
-    rank, world = accelerator.process_index, accelerator.num_processes
     if cfg["data_source"] == "streaming":
         files = cfg["stream_val_files"] if split == "val" else cfg["stream_files"]
         stream_split = cfg["stream_split"] if split == "train" or cfg["stream_val_files"] else cfg["stream_val_split"]
-        return StreamingBatches(cfg["block_size"], cfg["batch_size"], dataset=cfg["stream_dataset"] or None,
-                                files=files or None, split="train" if files else stream_split,
-                                text_column=cfg["stream_text_column"], rank=rank, world_size=world, log=lambda m: None)
+        return _streaming_source(cfg, accelerator, files, "train" if files else stream_split, lambda m: None)
     seed = cfg["seed"] * 1_000_003 + iter_num * 2 + (split == "val")
-    return MemmapBatches(data_dir, split, cfg["block_size"], cfg["batch_size"], seed, rank, world)
+    return MemmapBatches(data_dir, split, cfg["block_size"], cfg["batch_size"], seed,
+                         accelerator.process_index, accelerator.num_processes)
 
 
 @torch.no_grad()
@@ -334,9 +330,8 @@ def estimate_loss(model, cfg, accelerator, data_dir, iter_num):
 
 # ------------------------------------------------------------------------------------------- saving
 def _trainer_state(cfg, iter_num, best_val_loss, best_dir, tokens_per_iter, world, tokenizer, model, tracker_ids, val_loss):
-    public = {k: v for k, v in cfg.items() if not k.startswith("_")}
     return dict(iter_num=iter_num, best_val_loss=best_val_loss, best_checkpoint=best_dir, val_loss=val_loss,
-                tokens_seen=iter_num * tokens_per_iter, world_size=world, config=public,
+                tokens_seen=iter_num * tokens_per_iter, world_size=world, config=public_config(cfg),
                 tokenizer=tokenizer_signature(tokenizer), model_shape=_shape_of(model.config), tracker_ids=tracker_ids)
 
 
@@ -400,8 +395,12 @@ class RunLog:
     def __init__(self, accelerator, cfg, resume_iter=None):
         self.accelerator = accelerator
         self.path = os.path.join(cfg["out_dir"], "log.jsonl")
-        if accelerator.is_main_process and resume_iter is not None and os.path.exists(self.path):
-            self._truncate(resume_iter)  # steps after the checkpoint are replayed: drop their old records
+        self.file = None
+        if accelerator.is_main_process:
+            if resume_iter is not None and os.path.exists(self.path):
+                self._truncate(resume_iter)  # steps after the checkpoint are replayed: drop their old records
+            # opened once, line-buffered: every record reaches the file as it is logged, without an open per step
+            self.file = open(self.path, "a", encoding="utf-8", buffering=1)
 
     def _truncate(self, resume_iter):
         with open(self.path, encoding="utf-8") as f:
@@ -411,11 +410,14 @@ class RunLog:
         os.replace(self.path + ".tmp", self.path)
 
     def log(self, record):
-        if not self.accelerator.is_main_process:
+        if self.file is None:  # not the main process
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
 
 
 def init_trackers(accelerator, cfg, tracker_ids):
@@ -430,8 +432,8 @@ def init_trackers(accelerator, cfg, tracker_ids):
             ids["wandb"] = secrets.token_hex(4)  # W&B run ids: lowercase letters and digits
         # the same id + resume="allow": a resumed run continues the same W&B run
         init_kwargs["wandb"] = {"name": cfg["wandb_run_name"], "id": ids["wandb"], "resume": "allow", "dir": cfg["out_dir"]}
-    public = {k: v for k, v in cfg.items() if not k.startswith("_") and not isinstance(v, list)}
-    accelerator.init_trackers(cfg["wandb_project"], config=public, init_kwargs=init_kwargs)
+    scalars = {k: v for k, v in public_config(cfg).items() if not isinstance(v, list)}
+    accelerator.init_trackers(cfg["wandb_project"], config=scalars, init_kwargs=init_kwargs)
     return ids
 
 
@@ -455,7 +457,7 @@ def train(cfg):
     if accelerator.is_main_process:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         with open(os.path.join(cfg["out_dir"], "train_config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump({k: v for k, v in cfg.items() if not k.startswith("_")}, f, sort_keys=False)
+            yaml.safe_dump(public_config(cfg), f, sort_keys=False)
 
     gas = cfg["gradient_accumulation_steps"] // world
     tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
@@ -493,6 +495,7 @@ def train(cfg):
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         run_log.log({"iter": iter_num, "train/loss_eval": losses["train"], "val/loss": losses["val"],
                      "val/perplexity": math.exp(min(losses["val"], 50))})
+        run_log.close()
         _finish(accelerator)
         return {"iter_num": iter_num, "val_loss": losses["val"], "train_loss": losses["train"]}
     while True:
@@ -518,7 +521,7 @@ def train(cfg):
                                            raw_model, tracker_ids, losses["val"])
                     log(f"saving checkpoint to {name}")
                     if save_checkpoint(accelerator, model, optimizer, train_source, tokenizer, cfg, state):
-                        _maybe_push(cfg, accelerator, "every_save", raw_model, tokenizer, state)
+                        _maybe_push(cfg, accelerator, "every_save")
         if iter_num >= cfg["max_iters"]:
             break
 
@@ -563,7 +566,8 @@ def train(cfg):
     bar.close()
     if last_val is not None:
         log(f"done: iter {iter_num}, val loss {last_val:.4f} (best {best_val_loss:.4f}); model folder: {cfg['out_dir']}")
-    _maybe_push(cfg, accelerator, "end", raw_model, tokenizer, None)
+    run_log.close()
+    _maybe_push(cfg, accelerator, "end")
     _finish(accelerator)
     return {"iter_num": iter_num, "val_loss": last_val, "best_val_loss": best_val_loss}
 
@@ -586,7 +590,7 @@ def _all_finite(accelerator, loss, grad_norm):
     return accelerator.reduce(bad, reduction="sum").item() == 0
 
 
-def _maybe_push(cfg, accelerator, when, model, tokenizer, state):
+def _maybe_push(cfg, accelerator, when):
     if not cfg["push_to_hub"] or not accelerator.is_main_process:
         return
     if when == "every_save" and cfg["hub_strategy"] != "every_save":
