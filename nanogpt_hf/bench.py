@@ -29,7 +29,7 @@ import time
 import torch
 
 from .errors import UserError, cli_main
-from .hardware import keep_freed_memory_mapped, measured_matmul_flops, peak_flops
+from .hardware import keep_freed_memory_mapped, measured_matmul_flops, peak_flops, resolve_device
 
 __all__ = ["SHAPES", "main", "bench_train", "bench_generate"]
 
@@ -344,8 +344,7 @@ def main(argv=None):
     p.add_argument("--default_allocator", action="store_true",
                    help="CPU: leave glibc malloc as it is (as other trainers run) instead of the trainer's setting")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     whats = args.what.split(",")
     unknown = set(whats) - set(WHATS)
     if unknown:
@@ -360,38 +359,36 @@ def main(argv=None):
                 "cpu_allocator": "default" if args.default_allocator else "trainer's (keep_freed_memory_mapped)",
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "date": time.strftime("%Y-%m-%d")}]
+
+    def report(result):
+        results.append(result)
+        _print(result)
+
     peaks = {}
     if "train" in whats:
         for dtype in dtypes:  # on CPU each dtype's own matmul rate (bf16 runs on AMX where the CPU has it)
             peaks[dtype] = peak_flops(device, args.peak_flops, getattr(torch, dtype))
             source = "--peak-flops" if args.peak_flops else (
                 "data sheet" if device.type == "cuda" else f"measured {dtype} matmul 2048^3")
-            results.append({"what": "peak", "dtype": dtype, "flops": peaks[dtype], "source": source})
-            _print(results[-1])
+            report({"what": "peak", "dtype": dtype, "flops": peaks[dtype], "source": source})
         for shape in shapes:
             for dtype in dtypes:
                 for compiled in ([False, True] if args.compile else [False]):
-                    results.append(bench_train(shape, device, peaks[dtype], args.warmup, args.repeats, compiled, dtype,
-                                               args.nanogpt_dir))
-                    _print(results[-1])
+                    report(bench_train(shape, device, peaks[dtype], args.warmup, args.repeats, compiled, dtype,
+                                       args.nanogpt_dir))
         if device.type == "cpu":  # the matmul rate drifts on a shared machine: measure it again after
-            results.append({"what": "peak", "dtype": "float32", "flops": measured_matmul_flops(),
-                            "source": "re-measured after training"})
-            _print(results[-1])
+            report({"what": "peak", "dtype": "float32", "flops": measured_matmul_flops(),
+                    "source": "re-measured after training"})
     if "generate" in whats:
-        results.append(bench_generate(device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                      warmup=1, repeats=max(1, args.repeats // 2)))
-        _print(results[-1])
+        report(bench_generate(device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                              warmup=1, repeats=max(1, args.repeats // 2)))
     if "prepare" in whats:
-        results.append(bench_prepare(args.corpus_mb, args.num_proc))
-        _print(results[-1])
+        report(bench_prepare(args.corpus_mb, args.num_proc))
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if "startup" in whats:
-        results.append(bench_startup(repo_root))
-        _print(results[-1])
+        report(bench_startup(repo_root))
     if "quickstart" in whats:
-        results.append(bench_quickstart(repo_root, args.seed, args.quickstart_iters))
-        _print(results[-1])
+        report(bench_quickstart(repo_root, args.seed, args.quickstart_iters))
     if args.profile:
         _profile(shapes[0], device, args.profile)
     if args.json:

@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from .errors import UserError, cli_main
+from .fileio import atomic_path
 from .model_io import load_model_and_tokenizer
 from .prepare import dataset_dir, read_meta
 from .tokenization import check_same_vocabulary, meta_signature, tokenizer_signature
@@ -183,9 +184,8 @@ def write_model_card_results(folder, title, result):
         text = text[:start] + section + text[end:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 @cli_main

@@ -1,5 +1,5 @@
 """Peak FLOP/s for MFU (a table of dense bf16/fp16 tensor-core peaks for GPUs, a measured matmul rate on CPU),
-and the CPU allocator setting the trainer and the benchmark use."""
+the CPU allocator setting the trainer and the benchmark use, and the --device flag of the scripts."""
 
 import ctypes
 import ctypes.util
@@ -7,7 +7,9 @@ import time
 
 import torch
 
-__all__ = ["GPU_PEAK_FLOPS", "peak_flops", "measured_matmul_flops", "keep_freed_memory_mapped"]
+from .errors import UserError
+
+__all__ = ["GPU_PEAK_FLOPS", "peak_flops", "measured_matmul_flops", "keep_freed_memory_mapped", "resolve_device"]
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s.
 GPU_PEAK_FLOPS = {
@@ -75,3 +77,15 @@ def keep_freed_memory_mapped():
     # also turns off glibc's dynamic threshold. Older glibc refuses values above 32 MiB (returns 0): take that.
     mapped = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
     return bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mapped)
+
+
+def resolve_device(name):
+    """A --device flag (auto | cpu | cuda | cuda:N) as a torch.device, or one line saying why not."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name}: {e}") from e

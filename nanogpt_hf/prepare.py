@@ -13,16 +13,15 @@ tokenizer or vocabulary than the model's.
 """
 
 import argparse
-import contextlib
 import json
 import os
-import tempfile
 import urllib.request
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import UserError, cli_main
+from .fileio import atomic_path
 from .tokenization import ASSETS, GPT2_EOT, gpt2_encoding
 
 __all__ = ["prepare_shakespeare_char", "prepare_shakespeare", "prepare_documents", "read_meta", "dataset_dir", "main"]
@@ -33,30 +32,17 @@ BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", 
 
 
 # --------------------------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def _atomic(path):
-    """A temporary name next to path to write to: renamed onto path if the block completes, removed if not."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_bin(path, ids):
     """Writes token ids as uint16 under a temporary name, then renames it into place."""
     ids = np.asarray(ids)
     if ids.size and int(ids.max()) >= UINT16_VOCAB:
         raise UserError(f"{path}: token id {int(ids.max())} does not fit uint16 bins; use a vocabulary under 65,536")
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         ids.astype(np.uint16).tofile(tmp)
 
 
 def write_json(path, obj):
-    with _atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
@@ -280,7 +266,7 @@ def _write_memmap(path, dset, total_batches):
     import pyarrow.compute as pc
 
     arr_len = int(pc.sum(dset.with_format("arrow")[:]["len"]).as_py() or 0)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(max(arr_len, 1),))
         idx = 0
         n_shards = max(1, min(total_batches, len(dset)))

@@ -15,9 +15,10 @@ import sys
 import torch
 
 from .errors import UserError, cli_main
+from .hardware import resolve_device
 from .model_io import load_model_and_tokenizer
 
-__all__ = ["main", "sample_tokens", "read_prompt", "resolve_device"]
+__all__ = ["main", "sample_tokens", "read_prompt"]
 
 
 def build_parser():
@@ -47,17 +48,6 @@ def read_prompt(start):
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read the prompt file {path}: {e}") from e
     return start
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name}: {e}") from e
 
 
 def check_sampling_args(args, vocab_size):

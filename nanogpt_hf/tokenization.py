@@ -15,6 +15,7 @@ __all__ = ["GPT2_EOT", "gpt2_files", "gpt2_encoding", "gpt2_hf_tokenizer", "load
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 GPT2_EOT = 50256  # <|endoftext|>
+GPT2_SIGNATURE = {"kind": "gpt2", "vocab_size": 50257}  # see tokenizer_signature
 GPT2_SHA256 = {  # the `encoder_json_hash` / `vocab_bpe_hash` of tiktoken_ext.openai_public.gpt2
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -85,14 +86,14 @@ def tokenizer_signature(tokenizer):
     """What must match between a model and its data: the kind of tokenizer and its exact vocabulary."""
     if type(tokenizer).__name__ == "NanoGPTCharTokenizer":
         return {"kind": "char", "vocab": "".join(tokenizer.itos[i] for i in range(tokenizer.vocab_size))}
-    return {"kind": "gpt2", "vocab_size": 50257}
+    return dict(GPT2_SIGNATURE)
 
 
 def meta_signature(meta):
     """The same signature from a prepared folder's meta.json."""
     if meta.get("tokenizer") == "char":
         return {"kind": "char", "vocab": "".join(meta["itos"][str(i)] for i in range(meta["vocab_size"]))}
-    return {"kind": "gpt2", "vocab_size": 50257}
+    return dict(GPT2_SIGNATURE)
 
 
 def check_same_vocabulary(model_sig, data_sig, where):

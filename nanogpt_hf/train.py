@@ -33,6 +33,7 @@ from .checkpoint import (
 from .config import load_config, public_config
 from .data import MemmapBatches, StreamingBatches
 from .errors import UserError, cli_main
+from .fileio import atomic_path
 from .hardware import keep_freed_memory_mapped, peak_flops
 from .model_io import load_model_and_tokenizer, save_model_folder
 from .prepare import dataset_dir, read_meta
@@ -405,9 +406,8 @@ class RunLog:
     def _truncate(self, resume_iter):
         with open(self.path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) < resume_iter]
-        with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
 
     def log(self, record):
         if self.file is None:  # not the main process

@@ -41,6 +41,15 @@ def test_shakespeare_bpe_matches_nanogpt_exactly(tmp_path):
     assert gpt2_encoding().decode(val.tolist()) == text[int(len(text) * 0.9):]
 
 
+def test_prepared_files_are_readable_like_any_new_file(tmp_path):
+    """The atomic writes must not leave 0600 files (a shared data folder others cannot read)."""
+    prepare_shakespeare_char(str(tmp_path))
+    (tmp_path / "reference").write_text("")  # a file created the ordinary way, under the same umask
+    expected = (tmp_path / "reference").stat().st_mode & 0o777
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
 def test_data_scripts_run_as_nanogpt_users_type_them(tmp_path):
     proc = run_cli([sys.executable, os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"), "--out_dir", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, assert_cli_error, run_cli, tiny_model, train_args
 from torch.nn import functional as F
 
+from nanogpt_hf.bench import main as bench_main
 from nanogpt_hf.evaluate import main as eval_main
 from nanogpt_hf.model_io import save_model_folder
 from nanogpt_hf.sample import build_parser, generate_samples
@@ -178,6 +179,15 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
     assert 0 < train["mfu"]["nanogpt_hf"] < 1 and results["peak"]["flops"] > 1e9
     assert results["generate"]["new_tokens"] == 4
     assert any(e.get("name", "").startswith("aten::") for e in json.load(open(trace))["traceEvents"])
+
+
+def test_bench_cli_errors(capsys):
+    cases = [(["--what", "speed"], "--what: unknown speed"), (["--shapes", "huge"], "--shapes: unknown huge"),
+             (["--device", "cpu:x"], "--device cpu:x")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA GPU is visible"))
+    for argv, message in cases:
+        assert_cli_error(bench_main, argv, message, capsys)
 
 
 def test_bench_startup_and_quickstart_run_the_real_launcher(tmp_path):
