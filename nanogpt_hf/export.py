@@ -1,11 +1,12 @@
 """nanogpt-export SRC DEST: write the vanilla transformers GPT2LMHeadModel folder of any checkpoint (an out_dir,
-a model folder, a hub id), with the GPT-2 tokenizer where the model uses GPT-2 BPE. Loads with no remote code."""
+a model folder, a hub id), with its tokenizer (GPT-2 BPE or the stock char one). Loads with no remote code."""
 
 import argparse
 import os
 
 from .errors import UserError, cli_main
 from .model_io import load_model_and_tokenizer
+from .tokenization import char_tokenizer, char_vocabulary
 
 __all__ = ["main", "export_gpt2"]
 
@@ -16,6 +17,9 @@ def export_gpt2(source, dest):
         raise UserError(f"{dest} exists and is not empty: choose a new folder (nothing was overwritten)")
     gpt2 = model.to_gpt2()
     gpt2.save_pretrained(dest, safe_serialization=True)
+    chars = char_vocabulary(tokenizer)
+    if chars is not None:  # a folder of nanogpt-hf 0.1 has the hand-written char tokenizer: export the stock one
+        tokenizer = char_tokenizer(list(chars), model_max_length=model.config.block_size)
     tokenizer.save_pretrained(dest)
     return dest
 

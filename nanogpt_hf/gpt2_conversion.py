@@ -112,6 +112,7 @@ def to_gpt2_model(model):
             layer_norm_epsilon=cfg.layer_norm_epsilon,
             bos_token_id=cfg.bos_token_id,  # None for a character model: GPT-2's 50256 would be out of its vocabulary
             eos_token_id=cfg.eos_token_id,
+            pad_token_id=cfg.pad_token_id,
             tie_word_embeddings=True,
         )
     )

@@ -32,11 +32,12 @@ def save_model_folder(model, tokenizer, folder, extra_files=None):
 
     os.makedirs(folder, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".model-tmp-", dir=folder)
+    if tokenizer is not None:  # the config carries the special ids too, so exports (nanogpt-export) keep them
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        model.config.pad_token_id, model.config.eos_token_id = pad, eos
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-        pad = tokenizer.pad_token_id
-        eos = tokenizer.eos_token_id
         GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad).save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:

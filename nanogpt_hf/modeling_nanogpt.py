@@ -23,7 +23,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_nanogpt import NanoGPTConfig
 from .gpt2_conversion import load_gpt2_state_dict, nanogpt_config_from_gpt2, to_gpt2_model
@@ -33,7 +34,7 @@ try:  # transformers >= 5: init helpers that skip tensors already loaded by from
 except ImportError:  # pragma: no cover - transformers 4.x
     init = nn.init
 
-__all__ = ["NanoGPTForCausalLM", "NanoGPTPreTrainedModel"]
+__all__ = ["NanoGPTModel", "NanoGPTForCausalLM", "NanoGPTPreTrainedModel"]
 
 # transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`; earlier 5.x
 # (and the GPU machines' 5.17) use the old name. generate() reads the cache back from this field.
@@ -43,33 +44,54 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
+        self.config = config  # read at call time: `_attn_implementation` can be switched after construction
         # key, query, value projections for all heads, in one batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # output projection; a residual projection, so GPT-2's scaled init applies (see _init_weights)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
+        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.layer_idx = layer_idx
 
-    def forward(self, x, cache=None, attn_mask=None):
+    def forward(self, x, cache=None, attn_mask=None, output_attentions=False):
+        """attn_mask: None (causal, or nothing to mask for one query over a full cache), a boolean mask
+        (B or 1, 1, T, S) where True means "may attend", or an additive float mask of that shape."""
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(C, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
-            # the cache returns all keys/values seen so far: (B, nh, past + T, hs)
+            # the cache returns all keys/values seen so far: (B, nh, S, hs), S = past + T (a static cache: its size)
             k, v = cache.update(k, v, self.layer_idx)
         # Without a mask, a causal mask is only needed when the queries start at the first key; a single
         # new query (cached decoding) sees every key.
         is_causal = attn_mask is None and T > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )  # (B, nh, T, hs)
+        if output_attentions or self.config._attn_implementation == "eager":
+            y, att = self._eager_attention(q, k, v, attn_mask, is_causal)
+        else:  # flash attention where the device has it
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            )  # (B, nh, T, hs)
+            att = None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble all head outputs side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y)), att
+
+    def _eager_attention(self, q, k, v, attn_mask, is_causal):
+        """nanoGPT's manual implementation of attention; it also returns the attention weights (B, nh, T, S)."""
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
+        if is_causal:
+            attn_mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()  # (T, S)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            att = att.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:
+            att = att + attn_mask
+        att = F.softmax(att.float(), dim=-1).to(q.dtype)
+        att = self.attn_dropout(att)
+        return att @ v, att  # (B, nh, T, hs), (B, nh, T, S)
 
 
 class MLP(nn.Module):
@@ -80,15 +102,18 @@ class MLP(nn.Module):
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
         # GPT-2 uses the tanh approximation of GELU ("gelu_new"), nanoGPT the exact one (nn.GELU()). Both run as
-        # one PyTorch kernel (transformers' NewGELUActivation is five), and on CPU the exact one is ~4x faster
-        # than the tanh one (measured fwd 105 vs 406 us, bwd 188 vs 398 us at 768x512 on 2 AVX-512 cores).
+        # one PyTorch kernel (transformers' NewGELUActivation is five); on CPU the exact one is several times faster
+        # (docs/performance.md).
         self.gelu_approximate = "none" if config.activation_function == "gelu" else "tanh"
 
     def forward(self, x):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate)))
 
 
-class Block(nn.Module):
+class Block(GradientCheckpointingLayer):
+    """A pre-LayerNorm transformer block. Under `gradient_checkpointing_enable()` transformers recomputes its
+    activations in the backward pass instead of storing them (GradientCheckpointingLayer)."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
@@ -96,18 +121,19 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), cache, attn_mask)
+    def forward(self, x, attn_mask=None, cache=None, output_attentions=False):
+        y, att = self.attn(self.ln_1(x), cache, attn_mask, output_attentions)
+        x = x + y
         x = x + self.mlp(self.ln_2(x))
-        return x
+        return x, att
 
 
 class NanoGPTPreTrainedModel(PreTrainedModel):
     config_class = NanoGPTConfig
     config: NanoGPTConfig
-    base_model_prefix = ""
+    base_model_prefix = "transformer"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _supports_sdpa = True
     _can_compile_fullgraph = True
@@ -133,6 +159,127 @@ class NanoGPTPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A saved causal LM also names the base model in auto_map, so `AutoModel.from_pretrained(folder,
+        # trust_remote_code=True)` (feature extraction) works in a fresh environment too.
+        if getattr(self, "_auto_class", None) is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.NanoGPTModel"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class NanoGPTModel(NanoGPTPreTrainedModel):
+    """The transformer: token and position embeddings, the blocks, the final LayerNorm. Returns hidden states."""
+
+    def __init__(self, config: NanoGPTConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        """Returns a `BaseModelOutputWithPast` (a tuple with return_dict=False).
+
+        attention_mask: 2-D (B, past + T) with 0 at padding, or a ready 4-D mask (B, 1, T, S) as generate() makes
+            for a static cache (boolean: True attends; float: added to the scores).
+        hidden_states (output_hidden_states=True): the input of every block, then the final LayerNorm's output.
+        """
+        cfg = self.config
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("NanoGPTModel.forward needs exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = cfg.use_cache and not self.training  # only the default depends on training
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False  # recomputing a block in the backward pass would append to the cache twice
+        if use_cache and cache is None:
+            cache = DynamicCache(config=cfg)
+        elif not use_cache:
+            cache = None
+
+        B, T = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
+        past = cache.get_seq_length() if cache is not None else 0
+        self._check_length(T, past)
+        if attention_mask is not None and attention_mask.dim() == 2 and not torch.compiler.is_compiling() and bool(
+            attention_mask.all()
+        ):
+            attention_mask = None  # no padding: the cheaper paths of the helpers below (one host sync; not compiled)
+        if inputs_embeds is None:
+            inputs_embeds = self._embed_tokens(input_ids, past)  # token embeddings of shape (B, T, n_embd)
+        attn_mask = _attention_mask(attention_mask, T, past, _static_length(cache), inputs_embeds.device)
+        if position_ids is None:
+            position_ids = _position_ids(attention_mask, T, past, inputs_embeds.device)
+        pos_emb = self.wpe(position_ids)  # position embeddings of shape (T, n_embd) or (B, T, n_embd)
+        x = self.drop(inputs_embeds + pos_emb)
+
+        all_hidden, all_attentions = (), ()
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden += (x,)
+            x, att = block(x, attn_mask, cache=cache, output_attentions=output_attentions)
+            if output_attentions:
+                all_attentions += (att,)
+        x = self.ln_f(x)
+        if output_hidden_states:
+            all_hidden += (x,)
+
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            hidden_states=all_hidden if output_hidden_states else None,
+            attentions=all_attentions if output_attentions else None,
+            **{_CACHE_FIELD: cache},
+        )
+        return out if return_dict else out.to_tuple()
+
+    def _check_length(self, T, past):
+        # Skipped while compiling: a static cache's length is a tensor, and comparing it would break the graph.
+        if not torch.compiler.is_compiling() and past + T > self.config.block_size:
+            raise ValueError(
+                f"Cannot forward a sequence of length {past + T}: block size is only {self.config.block_size}. "
+                f"Shorten the input (generate() crops the context by itself, as nanoGPT does)."
+            )
+
+    def _embed_tokens(self, input_ids, past):
+        """Token embeddings; an id outside the vocabulary is one ValueError in training and inference alike."""
+        V = self.config.vocab_size
+        # An explicit check costs a device sync, so it guards prompts (inference, once per generate() at the
+        # prefill), not training steps; on CPU the embedding's own IndexError is translated below. (On a GPU an
+        # out-of-range id in training is a device-side assert: the trainer checks the data's vocabulary instead.)
+        if not (torch.compiler.is_compiling() or self.training or past) and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= V:
+                raise ValueError(f"token ids must be in [0, {V}), got min {lo} and max {hi}: encode with this model's tokenizer")
+        try:
+            return self.wte(input_ids)
+        except IndexError as e:
+            raise ValueError(f"token ids must be in [0, {V}): encode with this model's tokenizer ({e})") from e
+
 
 class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
     # weight tying: https://paperswithcode.com/method/weight-tying (a dict in transformers 5)
@@ -140,19 +287,9 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: NanoGPTConfig):
         super().__init__(config)
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-            )
-        )
+        self.transformer = NanoGPTModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.transformer.wte.weight = self.lm_head.weight
-        self.post_init()
+        self.post_init()  # ties lm_head to wte (config.tie_word_embeddings, _tied_weights_keys)
 
     # ------------------------------------------------------------------------------------------ HF plumbing
     def get_input_embeddings(self):
@@ -173,47 +310,33 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        labels=None,
-        shift_labels=None,
         cache=None,
         past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
         use_cache=None,
-        logits_to_keep=0,
-        num_items_in_batch=None,
+        output_attentions=None,
+        output_hidden_states=None,
         return_dict=None,
+        logits_to_keep=0,
         **kwargs,
     ):
-        """Returns a `CausalLMOutputWithPast`.
+        """Returns a `CausalLMOutputWithPast` (a tuple with return_dict=False).
 
         labels: HF convention, aligned with input_ids; shifted inside (position t predicts labels[t + 1]).
-        shift_labels: nanoGPT convention, already shifted (position t predicts shift_labels[t]); the trainer uses
-            it so that a window of block_size + 1 tokens trains on all block_size targets.
+        shift_labels (keyword): nanoGPT's targets, already shifted (position t predicts shift_labels[t]); the
+            trainer uses them so that a window of block_size + 1 tokens trains on all block_size targets. It is not
+            a named parameter: Trainer would take it for the batch's labels (`find_labels`).
+        num_items_in_batch (keyword): Trainer's token count under gradient accumulation (transformers' loss).
         logits_to_keep: 0 keeps every position; an int n keeps the last n; a 1-D tensor keeps those positions.
         """
-        if input_ids is None:
-            raise ValueError("NanoGPTForCausalLM.forward needs input_ids (inputs_embeds is not supported)")
-        cache = cache if cache is not None else past_key_values
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training  # only the default depends on training
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        elif not use_cache:
-            cache = None
-
-        B, T = input_ids.size()
-        past = cache.get_seq_length() if cache is not None else 0
-        self._check_inputs(input_ids, past)
-        attn_mask = _attention_mask(attention_mask, B, T, past)
-        if position_ids is None:
-            position_ids = _position_ids(attention_mask, T, past, input_ids.device)
-
-        tok_emb = self.transformer.wte(input_ids)  # token embeddings of shape (B, T, n_embd)
-        pos_emb = self.transformer.wpe(position_ids)  # position embeddings of shape (T, n_embd) or (B, T, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x, cache, attn_mask)
-        x = self.transformer.ln_f(x)
-
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.transformer(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        x = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             x = x[:, -logits_to_keep:, :] if logits_to_keep > 0 else x  # (B, T', n_embd)
         else:
@@ -221,37 +344,41 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(x)  # (B, T', vocab_size)
 
         loss = None
+        shift_labels = kwargs.get("shift_labels")
         if labels is not None or shift_labels is not None:
-            if shift_labels is None:
-                shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): position t predicts t + 1
-            if logits.size(1) != shift_labels.size(1):
+            if logits.size(1) != (labels if labels is not None else shift_labels).size(1):
                 raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)),
-                shift_labels.reshape(-1).to(logits.device),
-                ignore_index=-100,
-                reduction="sum" if num_items_in_batch is not None else "mean",
+            loss = self.loss_function(
+                logits, labels, vocab_size=self.config.vocab_size,
+                shift_labels=shift_labels.contiguous() if shift_labels is not None else None,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
-            if num_items_in_batch is not None:
-                loss = loss / num_items_in_batch
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+            **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
+        )
+        return result if return_dict else result.to_tuple()
 
-    def _check_inputs(self, input_ids, past):
-        T = input_ids.size(1)
-        if past + T > self.config.block_size:
-            raise ValueError(
-                f"Cannot forward a sequence of length {past + T}: block size is only {self.config.block_size}. "
-                f"Shorten the input (or use model.generate(idx, max_new_tokens), which crops the context)."
-            )
-        # A data-dependent check forces a device sync and breaks compiled graphs: it guards prompts (inference),
-        # not training batches (the data's vocabulary is checked against the model's once, from meta.json).
-        if torch.compiler.is_compiling() or self.training:
-            return
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"token ids must be in [0, {self.config.vocab_size}), got min {int(input_ids.min())} and max "
-                f"{int(input_ids.max())}: encode with this model's tokenizer"
-            )
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """transformers' preparation, plus nanoGPT's context crop: once the sequence would outgrow block_size,
+        condition on its last block_size tokens, recomputed from an empty cache (nanoGPT's `idx[:, -block_size:]`)."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        new_ids = inputs.get("input_ids")
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        block_size = self.config.block_size
+        if new_ids is None or past + new_ids.size(1) <= block_size:
+            return inputs
+        if past:
+            cache.crop(-past)  # empty it: works for dynamic and static caches alike
+        inputs["input_ids"] = input_ids[:, -block_size:].contiguous()
+        mask = kwargs.get("attention_mask")
+        inputs.pop("position_ids", None)  # recomputed from the cropped mask
+        if mask is not None and mask.dim() == 2:
+            inputs["attention_mask"] = mask[:, -block_size:].contiguous()
+        else:
+            inputs.pop("attention_mask", None)
+        return inputs
 
     # ------------------------------------------------------------------------------------ nanoGPT seed API
     def get_num_params(self, non_embedding=True):
@@ -293,15 +420,18 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         return self(idx, use_cache=False, logits_to_keep=0 if targets else 1).logits
 
     def generate(self, *args, **kwargs):
-        """nanoGPT's `generate(idx, max_new_tokens, temperature=1.0, top_k=None)` or HF's `generate(...)`.
+        """nanoGPT's `generate(idx, max_new_tokens, temperature=1.0, top_k=None)` or transformers' `generate(...)`.
 
-        The nanoGPT form is taken when max_new_tokens is the second positional argument, or when the only
-        keywords are nanoGPT's and temperature or top_k is among them: it samples like nanoGPT, cropping the
-        context to block_size so it runs past it. Anything else (generation_config, do_sample, top_p,
-        num_beams, attention_mask, ...) goes to transformers' GenerationMixin.generate with the KV cache.
+        The rule: nanoGPT's sampler runs only when max_new_tokens is given and every keyword is one of nanoGPT's
+        (idx, max_new_tokens, temperature, top_k); any other keyword makes it transformers' generate, where a
+        positional int after the inputs is max_new_tokens.
         """
         if _is_nanogpt_generate_call(args, kwargs):
             return self._generate_nanogpt(*args, **kwargs)
+        if len(args) >= 2 and isinstance(args[1], int) and not isinstance(args[1], bool):
+            if "max_new_tokens" in kwargs:
+                raise TypeError("generate() got max_new_tokens twice (positionally and as a keyword)")
+            args, kwargs = (args[0], *args[2:]), {**kwargs, "max_new_tokens": args[1]}
         return super().generate(*args, **kwargs)
 
     @torch.no_grad()
@@ -352,34 +482,44 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
 
 
 def _is_nanogpt_generate_call(args, kwargs):
-    if len(args) >= 2 and isinstance(args[1], int) and not isinstance(args[1], bool):
-        return True
+    """nanoGPT's form: max_new_tokens given (second positional or keyword), no keyword outside nanoGPT's four."""
     nanogpt_keys = {"idx", "max_new_tokens", "temperature", "top_k"}
-    return bool(kwargs) and set(kwargs) <= nanogpt_keys and ("temperature" in kwargs or "top_k" in kwargs or "idx" in kwargs)
+    if not set(kwargs) <= nanogpt_keys or len(args) > 4:
+        return False
+    positional_max = len(args) >= 2 and isinstance(args[1], int) and not isinstance(args[1], bool)
+    return positional_max or "max_new_tokens" in kwargs
 
 
-def _attention_mask(attention_mask, B, T, past):
-    """A boolean SDPA mask (B, 1, T, past + T), or None where `is_causal` (or no mask at all) suffices."""
-    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
-        if past == 0 or T == 1:
-            return None
-        key_valid = None
-    else:
-        key_valid = attention_mask[:, -(past + T) :].bool()  # (B, S)
-    S = past + T
-    device = attention_mask.device if attention_mask is not None else None
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, S)
-    mask = causal[None, None, :, :]  # (1, 1, T, S)
-    if key_valid is not None:
+def _static_length(cache):
+    """A static cache's preallocated length (attention sees all of its slots, filled or not); None otherwise."""
+    layers = getattr(cache, "layers", None) if cache is not None else None
+    return getattr(layers[0], "max_cache_len", None) if layers else None
+
+
+def _attention_mask(attention_mask, T, past, static_length, device):
+    """The mask for T queries at positions past.. : a 4-D mask as given, a boolean (B or 1, 1, T, S), or None where
+    SDPA's `is_causal` (or, for one query over exactly the keys seen so far, nothing) suffices. S is past + T, or a
+    static cache's length, whose empty slots are masked."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask  # built by generate() for a static cache
+    if attention_mask is None and static_length is None and (past == 0 or T == 1):
+        return None
+    S = static_length if static_length is not None else past + T
+    q_pos = past + torch.arange(T, device=device)  # (T,)
+    k_pos = torch.arange(S, device=device)  # (S,)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S): causal, and no empty static-cache slot
+    if attention_mask is not None:
+        key_valid = attention_mask[:, -(past + T):].bool()  # (B, past + T)
+        key_valid = F.pad(key_valid, (0, S - key_valid.size(1)), value=False)  # (B, S)
         mask = mask & key_valid[:, None, None, :]  # (B, 1, T, S)
         # a padded query row would see no key at all and make SDPA return NaN: let it see everything instead
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-    return mask.expand(B, 1, T, S)
+    return mask
 
 
 def _position_ids(attention_mask, T, past, device):
     """Positions count real tokens only, so a left-padded prompt gets the positions it would have unpadded."""
-    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
-        return torch.arange(past, past + T, dtype=torch.long, device=device)  # (T,)
+    if attention_mask is None or attention_mask.dim() != 2:
+        return past + torch.arange(T, dtype=torch.long, device=device)  # (T,)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
     return positions[:, -T:]  # (B, T)

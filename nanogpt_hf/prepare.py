@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError, cli_main
 from .fileio import atomic_path
-from .tokenization import ASSETS, GPT2_EOT, gpt2_encoding
+from .tokenization import ASSETS, GPT2_EOT, char_tokenizer, gpt2_encoding
 
 __all__ = ["prepare_shakespeare_char", "prepare_shakespeare", "prepare_documents", "read_meta", "dataset_dir", "main"]
 
@@ -113,8 +113,6 @@ def _check_split(name, ids, source):
 # --------------------------------------------------------------------------------------------- recipes
 def prepare_shakespeare_char(out_dir, text=None, source=None):
     """nanoGPT's data/shakespeare_char/prepare.py: 65 characters, 1,003,854 train and 111,540 val tokens."""
-    from .tokenization_nanogpt_char import NanoGPTCharTokenizer
-
     if text is None:
         text, source = shakespeare_text(out_dir)
     chars = sorted(set(text))
@@ -127,8 +125,7 @@ def prepare_shakespeare_char(out_dir, text=None, source=None):
     _check_split("train", train_ids, source)
     _check_split("val", val_ids, source)
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer = NanoGPTCharTokenizer(chars=chars)
-    tokenizer.save_pretrained(out_dir)
+    char_tokenizer(chars).save_pretrained(out_dir)  # for the Hub and AutoTokenizer; the trainer reads meta.json
     return _finish(out_dir, train_ids, val_ids, tokenizer="char", vocab_size=len(chars), source=source,
                    extra={"itos": dict(enumerate(chars))})
 

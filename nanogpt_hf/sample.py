@@ -17,6 +17,7 @@ import torch
 from .errors import UserError, cli_main
 from .hardware import resolve_device
 from .model_io import load_model_and_tokenizer
+from .tokenization import char_vocabulary, encode_text
 
 __all__ = ["main", "sample_tokens", "read_prompt"]
 
@@ -127,7 +128,9 @@ def generate_samples(args, write=None):
         model.to(torch.bfloat16)
     prompt = read_prompt(args.start)
     try:
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        # BPE through the HF tokenizer, so `<|endoftext|>` in a prompt is the EOT token (nanoGPT's allowed_special)
+        chars = char_vocabulary(tokenizer)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) if chars is None else encode_text(tokenizer, prompt)
     except ValueError as e:
         raise UserError(f"the prompt cannot be encoded: {e}") from e
     if not prompt_ids:

@@ -37,7 +37,7 @@ from .fileio import atomic_path
 from .hardware import keep_freed_memory_mapped, peak_flops
 from .model_io import load_model_and_tokenizer, save_model_folder
 from .prepare import dataset_dir, read_meta
-from .tokenization import check_same_vocabulary, gpt2_hf_tokenizer, tokenizer_signature
+from .tokenization import char_tokenizer, check_same_vocabulary, gpt2_hf_tokenizer, tokenizer_signature
 
 __all__ = ["main", "train", "get_lr"]
 
@@ -148,9 +148,7 @@ def data_tokenizer(cfg):
     data_dir = _data_dir(cfg)
     meta = read_meta(data_dir)
     if meta.get("tokenizer") == "char":
-        from .tokenization_nanogpt_char import NanoGPTCharTokenizer
-
-        tok = NanoGPTCharTokenizer.from_pretrained(data_dir)
+        tok = char_tokenizer([meta["itos"][str(i)] for i in range(meta["vocab_size"])])
     elif meta.get("tokenizer") == "gpt2":
         tok = gpt2_hf_tokenizer(cfg["block_size"])
     else:
@@ -160,7 +158,7 @@ def data_tokenizer(cfg):
 
 
 def _vocab_size_for(tokenizer):
-    # GPT-2's 50257 rounded up to 50304 (a multiple of 64) like nanoGPT; char: the characters + <pad>
+    # GPT-2's 50257 rounded up to 50304 (a multiple of 64) like nanoGPT; char: the characters + <pad> + end of text
     return 50304 if tokenizer_signature(tokenizer)["kind"] == "gpt2" else len(tokenizer)
 
 

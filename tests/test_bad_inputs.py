@@ -115,7 +115,7 @@ def test_sample_cli_errors(tmp_path, finished_run, capsys):
         (["--out_dir", str(tmp_path / "missing")], "no model in"),
         (["--out_dir", str(finished_run), "--temperature", "0"], "--temperature must be > 0"),
         (["--out_dir", str(finished_run), "--temperature", "-1"], "--temperature must be > 0"),
-        (["--out_dir", str(finished_run), "--top_k", "1000"], "--top_k must be between 0 (off) and the vocabulary size 66"),
+        (["--out_dir", str(finished_run), "--top_k", "1000"], "--top_k must be between 0 (off) and the vocabulary size 67"),
         (["--out_dir", str(finished_run), "--start", "x" * 40], "the prompt is 40 tokens but the model's context is 32"),
         (["--out_dir", str(finished_run), "--start", "caf\u00e9 \u2603"], "not in this model's vocabulary"),
         (["--out_dir", str(finished_run), "--start", f"FILE:{tmp_path / 'nope.txt'}"], "cannot read the prompt file"),

@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+from transformers import AutoTokenizer
 import pytest
 import torch
 from conftest import ROOT, assert_cli_error, assert_one_line_error, run_cli
@@ -30,7 +31,8 @@ def test_shakespeare_char_matches_nanogpt_exactly(tmp_path):
     assert "".join(chars[i] for i in val) == text[int(n * 0.9):]
     saved = json.load(open(tmp_path / "meta.json"))
     assert saved["tokenizer"] == "char" and saved["itos"]["0"] == "\n" and saved["dtype"] == "uint16"
-    assert json.load(open(tmp_path / "vocab.json")) == {c: i for i, c in enumerate(chars)}  # no pickle
+    tok = AutoTokenizer.from_pretrained(tmp_path)  # a stock tokenizer.json, no pickle, no remote code
+    assert tok.convert_ids_to_tokens(list(range(65))) == chars and tok.eos_token_id == 66
 
 
 def test_shakespeare_bpe_matches_nanogpt_exactly(tmp_path):

@@ -8,9 +8,9 @@ import torch
 from conftest import run_python, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from nanogpt_hf import NanoGPTCharTokenizer, NanoGPTForCausalLM
+from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.model_io import save_model_folder
-from nanogpt_hf.tokenization import gpt2_encoding, gpt2_hf_tokenizer
+from nanogpt_hf.tokenization import char_tokenizer, gpt2_encoding, gpt2_hf_tokenizer
 
 SHAKESPEARE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanogpt_hf", "assets",
                            "tinyshakespeare", "input.txt")
@@ -24,7 +24,7 @@ def saved_folders(tmp_path_factory):
     bpe = tiny_model(vocab_size=50304, block_size=64, seed=1)
     save_model_folder(bpe, bpe_tok, str(root / "bpe"))
     text = open(SHAKESPEARE, encoding="utf-8").read()[:20000]
-    char_tok = NanoGPTCharTokenizer.from_text(text, model_max_length=64)
+    char_tok = char_tokenizer(sorted(set(text)), model_max_length=64)
     char = tiny_model(vocab_size=len(char_tok), block_size=64, seed=2)
     save_model_folder(char, char_tok, str(root / "char"))
     x = torch.tensor([bpe_tok.encode("Hello, my dear friend")])
@@ -38,10 +38,11 @@ def test_saved_folder_is_self_contained(saved_folders):
             "configuration_nanogpt.py", "gpt2_conversion.py", "tokenizer.json"} <= files
     config = json.load(open(saved_folders / "bpe" / "config.json"))
     assert config["auto_map"] == {"AutoConfig": "configuration_nanogpt.NanoGPTConfig",
+                                  "AutoModel": "modeling_nanogpt.NanoGPTModel",
                                   "AutoModelForCausalLM": "modeling_nanogpt.NanoGPTForCausalLM"}
     assert config["tie_word_embeddings"] is True
     char_files = set(os.listdir(saved_folders / "char"))
-    assert {"vocab.json", "tokenization_nanogpt_char.py", "tokenizer_config.json"} <= char_files
+    assert {"tokenizer.json", "tokenizer_config.json"} <= char_files and "tokenization_nanogpt_char.py" not in char_files
     loaded = AutoModelForCausalLM.from_pretrained(saved_folders / "bpe")
     assert isinstance(loaded, NanoGPTForCausalLM) and loaded.lm_head.weight is loaded.transformer.wte.weight
 
@@ -66,6 +67,11 @@ def test_fresh_process_without_the_package_loads_and_runs_pipelines(saved_folder
                 assert single == text, (kind, single, text)  # left padding changes nothing
         tok = AutoTokenizer.from_pretrained(root + "/char", trust_remote_code=True)
         assert tok.decode(tok.encode("ROMEO: hi")) == "ROMEO: hi"
+        from transformers import AutoModel
+        base = AutoModel.from_pretrained(root + "/bpe", trust_remote_code=True).eval()
+        assert type(base).__name__ == "NanoGPTModel" and base(ref["x"]).last_hidden_state.shape[-1] == 32
+        feats = pipeline("feature-extraction", model=root + "/bpe", trust_remote_code=True)("Hello")
+        assert len(feats[0][0]) == 32
         print("FRESH-OK")
         """,
         hide_package=True,
@@ -82,26 +88,6 @@ def test_pipeline_in_process_batched(saved_folders, kind):
         assert out[0]["generated_text"].startswith(prompt)
         assert out[0]["generated_text"] == pipe(prompt, max_new_tokens=10, do_sample=False)[0]["generated_text"]
     assert pipe.tokenizer.padding_side == "left" and pipe.tokenizer.pad_token_id is not None
-
-
-def test_char_tokenizer_is_a_real_transformers_tokenizer(tmp_path):
-    text = open(SHAKESPEARE, encoding="utf-8").read()
-    tok = NanoGPTCharTokenizer.from_text(text)
-    assert tok.vocab_size == 65 and len(tok) == 66 and tok.pad_token_id == 65  # nanoGPT's 65 chars, then <pad>
-    chars = sorted(set(text))
-    sample = text[:2000]
-    assert tok.encode(sample) == [chars.index(c) for c in sample]  # nanoGPT's stoi
-    assert tok.decode(tok.encode(sample)) == sample
-    tok.save_pretrained(tmp_path)
-    vocab = json.load(open(tmp_path / "vocab.json", encoding="utf-8"))
-    assert vocab == {c: i for i, c in enumerate(chars)}  # JSON, no pickle
-    again = AutoTokenizer.from_pretrained(tmp_path)
-    assert type(again).__name__ == "NanoGPTCharTokenizer" and again.encode(sample) == tok.encode(sample)
-    batch = again(["ab", "abcd"], padding=True)
-    assert batch["input_ids"][0][:2] == [65, 65] and batch["attention_mask"][0] == [0, 0, 1, 1]
-    assert again.decode(batch["input_ids"][0], skip_special_tokens=True) == "ab"
-    with pytest.raises(ValueError, match="not in this model's vocabulary"):
-        tok.encode("caf\u00e9 \u2603")
 
 
 def test_tiktoken_and_hf_tokenizer_agree_on_all_of_tiny_shakespeare():

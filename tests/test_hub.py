@@ -111,7 +111,7 @@ def test_training_run_pushes_through_the_real_upload_code(hub_server, tmp_path, 
     assert (hub_root / "me" / "baby-gpt.visibility").read_text() == "private"
     repo = hub_root / "me" / "baby-gpt"
     files = set(os.listdir(repo))
-    assert {"config.json", "model.safetensors", "modeling_nanogpt.py", "configuration_nanogpt.py", "vocab.json",
+    assert {"config.json", "model.safetensors", "modeling_nanogpt.py", "configuration_nanogpt.py", "tokenizer.json",
             "tokenizer_config.json", "generation_config.json", "README.md", "train_config.yaml", "log.jsonl"} <= files
     assert sorted(os.listdir(repo / "checkpoints")) == ["ckpt-0000003", "ckpt-0000006"]  # training state, per save
     assert "MANIFEST.json" in os.listdir(repo / "checkpoints" / "ckpt-0000006")

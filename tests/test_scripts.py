@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, assert_cli_error, run_cli, tiny_model, train_args
 from torch.nn import functional as F
+from transformers import AutoTokenizer
 
 from nanogpt_hf.bench import main as bench_main
 from nanogpt_hf.evaluate import main as eval_main
@@ -50,7 +51,8 @@ def test_sample_is_deterministic_streams_and_runs_past_block_size(char_run, caps
     a = generate_samples(_args(*args))
     b = generate_samples(_args(*args))
     assert a == b and len(a) == 2 and a[0] != a[1]  # same seed, same output; two different samples
-    assert all(s.startswith("ROMEO:") and len(s) == 6 + 80 for s in a)  # 86 chars > block_size 32
+    # 80 new tokens > block_size 32 (a sampled special token, never in the training data, is not printed)
+    assert all(s.startswith("ROMEO:") and 32 < len(s) <= 6 + 80 for s in a), a
     assert generate_samples(_args(*args[:-1], "8")) != a
     capsys.readouterr()
     sample_main(list(args))  # streamed to the terminal token by token: the same text
@@ -113,12 +115,12 @@ def test_eval_full_pass_matches_gpt2_reference_and_ddp(char_run, char_data, tmp_
 
 
 def test_eval_on_a_local_dataset_file(char_run, tmp_path):
-    from nanogpt_hf import NanoGPTCharTokenizer, NanoGPTForCausalLM
+    from nanogpt_hf import NanoGPTForCausalLM
 
     docs = ["ROMEO: I love thee.", "JULIET: And I thee, my lord."]
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
     result = eval_main(["--init_from", char_run, "--hf_dataset", str(tmp_path / "docs.jsonl"), "--split", "train"])
-    tok = NanoGPTCharTokenizer.from_pretrained(char_run)
+    tok = AutoTokenizer.from_pretrained(char_run)
     ids = [i for d in docs for i in tok.encode(d)]  # no EOS in a character vocabulary: documents concatenated
     ref, count = _reference_loss(NanoGPTForCausalLM.from_pretrained(char_run).eval(), np.array(ids), 32)
     assert result["tokens"] == count == len(ids) - 1 and result["loss"] == pytest.approx(ref, abs=1e-5)
@@ -130,11 +132,11 @@ def test_multiple_choice_in_hellaswag_format(char_run, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(char_run, folder)
     model = NanoGPTForCausalLM.from_pretrained(folder)
-    tok = __import__("nanogpt_hf").NanoGPTCharTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
     with torch.no_grad():  # make 'e' overwhelmingly likely after anything: the answer is known
         direction = torch.randn(32)
         model.transformer.ln_f.weight.zero_()
-        model.transformer.wte.weight[tok.stoi["e"]] = 30 * direction
+        model.transformer.wte.weight[tok.convert_tokens_to_ids("e")] = 30 * direction
         if model.transformer.ln_f.bias is None:
             model.transformer.ln_f.bias = torch.nn.Parameter(direction)
             model.config.bias = True
