@@ -15,10 +15,5 @@ fi
 # init_from=auto: a second run continues (or, when finished, just reuses) the first one instead of refusing
 "$PY" -m accelerate.commands.launch --config_file "$launch" train_accelerate.py --config "$config" --init_from=auto "$@"
 "$PY" -m nanogpt_hf.sample --out_dir out-shakespeare-char --start "ROMEO:" --num_samples 2 --max_new_tokens 300
-"$PY" -m nanogpt_hf.plot out-shakespeare-char --quiet || true
-"$PY" - <<'PYEOF'
-import json
-evals = [r for r in map(json.loads, open("out-shakespeare-char/log.jsonl")) if "val/loss" in r]
-print(f"\nbaby GPT: val loss {evals[-1]['val/loss']:.4f} at iteration {evals[-1]['iter']} "
-      f"(best {min(r['val/loss'] for r in evals):.4f}); model folder: out-shakespeare-char")
-PYEOF
+# the loss curve (out-shakespeare-char/loss.png) and one line: which iteration the model folder holds, and its val loss
+"$PY" -m nanogpt_hf.plot out-shakespeare-char

@@ -18,6 +18,7 @@ the data-sheet bf16 peak on known GPUs, or --peak-flops.
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import statistics
@@ -29,6 +30,7 @@ import time
 import torch
 
 from .errors import UserError, cli_main
+from .run_dir import RunDir
 from .hardware import keep_freed_memory_mapped, measured_matmul_flops, peak_flops, resolve_device
 
 __all__ = ["SHAPES", "main", "bench_train", "bench_generate"]
@@ -46,7 +48,7 @@ SHAPES = {
 def _models(shape, device):
     """Ours as the trainer builds it (its defaults: no biases, nanoGPT's exact GELU) and transformers'
     GPT2LMHeadModel of the same shape as GPT-2 defines it (biases, tanh GELU), from the same initial weights."""
-    from .config import DEFAULTS
+    from .config import TrainConfig
     from .configuration_nanogpt import NanoGPTConfig
     from .modeling_nanogpt import NanoGPTForCausalLM
 
@@ -56,7 +58,8 @@ def _models(shape, device):
             vocab_size=shape["vocab_size"], block_size=shape["block_size"], n_layer=shape["n_layer"],
             n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=0.0, **kw))
 
-    ours = build(bias=DEFAULTS["bias"], activation_function=DEFAULTS["activation_function"])
+    defaults = TrainConfig()
+    ours = build(bias=defaults.bias, activation_function=defaults.activation_function)
     gpt2 = build(bias=True, activation_function="gelu_new").to_gpt2()
     return ours.to(device), gpt2.to(device)
 
@@ -212,7 +215,7 @@ def _synthetic_corpus(path, megabytes):
 
 def bench_prepare(corpus_mb=200, num_proc=2):
     """Wall time, MB/s and peak RSS of a real `nanogpt-prepare documents` run in a child process."""
-    from .prepare import tokenize_batch
+    from .corpus import tokenize_batch
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
@@ -237,28 +240,31 @@ def bench_prepare(corpus_mb=200, num_proc=2):
             "peak_rss_mb": max_rss_kb / 1024}
 
 
-def _prepare_shakespeare_char(repo_root):
-    subprocess.run([sys.executable, os.path.join(repo_root, "data", "shakespeare_char", "prepare.py")],
-                   capture_output=True, check=True)
+def _prepare_shakespeare_char(folder):
+    from .prepare import prepare_shakespeare_char
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare_shakespeare_char(os.path.join(folder, "data"))  # the copy shipped in the package
+    return os.path.join(folder, "data")
 
 
-def _launch_quickstart(repo_root, out, *overrides, stderr=subprocess.PIPE):
-    """`accelerate launch` of the CPU quickstart config into out, as a Popen."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(repo_root, "accelerate_configs", "cpu.yaml"), os.path.join(repo_root, "train_accelerate.py"),
-           "--config", "train_shakespeare_char_cpu", f"--out_dir={out}",
-           f"--data_dir={os.path.join(repo_root, 'data', 'shakespeare_char')}", *overrides]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, cwd=repo_root)
+def _launch_quickstart(folder, data_dir, *overrides, stderr=subprocess.PIPE):
+    """`accelerate launch` (one CPU process) of the quickstart config into folder/out, as a Popen. Everything it
+    needs ships with the package, so this works outside a checkout too."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=1", "--num_machines=1",
+           "--mixed_precision=no", "--dynamo_backend=no", "-m", "nanogpt_hf.train", "--config", "train_shakespeare_char_cpu",
+           f"--out_dir={os.path.join(folder, 'out')}", f"--data_dir={data_dir}", *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, cwd=folder)
 
 
-def bench_startup(repo_root):
+def bench_startup():
     """Seconds from `accelerate launch` to the first logged training step of the CPU quickstart config."""
     with tempfile.TemporaryDirectory() as tmp:
         log = os.path.join(tmp, "out", "log.jsonl")
-        _prepare_shakespeare_char(repo_root)
+        data_dir = _prepare_shakespeare_char(tmp)
         t0 = time.perf_counter()
         # stderr not piped: nothing reads it while the log is polled
-        proc = _launch_quickstart(repo_root, os.path.join(tmp, "out"), "--max_iters=3", stderr=subprocess.DEVNULL)
+        proc = _launch_quickstart(tmp, data_dir, "--max_iters=3", stderr=subprocess.DEVNULL)
         first = None
         while first is None and proc.poll() is None:
             if os.path.exists(log) and any('"train/loss"' in ln for ln in open(log)):
@@ -270,20 +276,20 @@ def bench_startup(repo_root):
     return {"what": "startup", "seconds_to_first_step": first}
 
 
-def bench_quickstart(repo_root, seed=None, iters=None):
+def bench_quickstart(seed=None, iters=None):
     """The whole CPU quickstart run (train_shakespeare_char_cpu): median ms/iter and the val loss it reaches."""
     overrides = ([f"--seed={seed}"] if seed is not None else []) + \
         ([f"--max_iters={iters}", f"--lr_decay_iters={iters}"] if iters else [])
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
-        _prepare_shakespeare_char(repo_root)
+        data_dir = _prepare_shakespeare_char(tmp)
         t0 = time.perf_counter()
-        proc = _launch_quickstart(repo_root, out, *overrides)
+        proc = _launch_quickstart(tmp, data_dir, *overrides)
         _, stderr = proc.communicate()
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             raise UserError(f"the quickstart run failed: {stderr.strip().splitlines()[-1:]}")
-        records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"), encoding="utf-8")]
+        records = RunDir(out).read_log()
     steps = [r["time_ms"] for r in records if "time_ms" in r]
     final = [r for r in records if "val/loss" in r][-1]
     return {"what": "quickstart", "seconds": seconds, "iters": len(steps), "median_ms_per_iter": statistics.median(steps),
@@ -291,13 +297,18 @@ def bench_quickstart(repo_root, seed=None, iters=None):
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def _mfu_text(mfu):
+    """An MFU above 100% means the peak measured at start-up was depressed (other load on the machine then)."""
+    return f"{mfu * 100:5.1f}% MFU" if mfu <= 1.0 else "MFU n/a: the measured peak is unreliable (machine busy?)"
+
+
 def _print(result):
     what = result["what"]
     if what == "train_step":
         ms, mfu = result["ms_per_step"], result["mfu"]
         print(f"train {result['shape']:<10} {result['dtype']:<8} compile={result['compile']!s:<5} | "
-              f"ours {ms['nanogpt_hf']:8.1f} ms ({mfu['nanogpt_hf'] * 100:5.1f}% MFU) | GPT2LMHeadModel "
-              f"{ms['GPT2LMHeadModel']:8.1f} ms ({mfu['GPT2LMHeadModel'] * 100:5.1f}% MFU) | "
+              f"ours {ms['nanogpt_hf']:8.1f} ms ({_mfu_text(mfu['nanogpt_hf'])}) | GPT2LMHeadModel "
+              f"{ms['GPT2LMHeadModel']:8.1f} ms ({_mfu_text(mfu['GPT2LMHeadModel'])}) | "
               f"speed-up x{result['speedup_vs_GPT2LMHeadModel']:.2f}" +
               (f" | nanoGPT {ms['nanoGPT']:8.1f} ms, speed-up x{result['speedup_vs_nanoGPT']:.2f}" if "nanoGPT" in ms else ""))
     elif what == "generate":
@@ -384,11 +395,10 @@ def main(argv=None):
                               warmup=1, repeats=max(1, args.repeats // 2)))
     if "prepare" in whats:
         report(bench_prepare(args.corpus_mb, args.num_proc))
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if "startup" in whats:
-        report(bench_startup(repo_root))
+        report(bench_startup())
     if "quickstart" in whats:
-        report(bench_quickstart(repo_root, args.seed, args.quickstart_iters))
+        report(bench_quickstart(args.seed, args.quickstart_iters))
     if args.profile:
         _profile(shapes[0], device, args.profile)
     if args.json:

@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError
 
 __all__ = ["save_tree", "load_tree", "rng_state", "set_rng_state", "write_manifest", "verify_checkpoint",
-           "checkpoint_dirs", "latest_checkpoint", "prune_checkpoints", "fault_point", "CKPT_PREFIX"]
+           "checkpoint_dirs", "latest_checkpoint", "prune_checkpoints", "fault_point", "sha256_of", "CKPT_PREFIX",
+           "MANIFEST"]
 
 CKPT_PREFIX = "ckpt-"
 MANIFEST = "MANIFEST.json"
@@ -131,7 +132,7 @@ def set_rng_state(state):
 
 
 # ------------------------------------------------------------------------------------ manifest
-def _sha256(path):
+def sha256_of(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -151,10 +152,13 @@ def _files(folder):
 def write_manifest(folder):
     """Lists every file with size and sha256, fsyncs them, then writes MANIFEST.json (the completion mark)."""
     entries = {}
+    umask = os.umask(0)
+    os.umask(umask)
     for rel, path in sorted(_files(folder)):
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; the rest of the folder is 0644 under umask 022
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        entries[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+        entries[rel] = {"size": os.path.getsize(path), "sha256": sha256_of(path)}
     tmp = os.path.join(folder, MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"files": entries}, f, indent=1)
@@ -177,7 +181,7 @@ def verify_checkpoint(folder):
         file = os.path.join(folder, rel)
         if not os.path.exists(file):
             raise UserError(f"checkpoint {folder} is damaged: {rel} is missing; resume from another checkpoint")
-        if os.path.getsize(file) != meta["size"] or _sha256(file) != meta["sha256"]:
+        if os.path.getsize(file) != meta["size"] or sha256_of(file) != meta["sha256"]:
             raise UserError(f"checkpoint {folder} is damaged: {rel} does not match its manifest (truncated or edited); "
                             f"resume from another checkpoint")
     return folder

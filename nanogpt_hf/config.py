@@ -1,114 +1,144 @@
-"""Training configuration: nanoGPT's hyperparameter names and defaults, YAML files, type-checked overrides.
+"""Training configuration: one typed block of nanoGPT's hyperparameters, YAML files, checked overrides.
 
-Resolution order (later wins): DEFAULTS below < model preset named in the YAML's `defaults: [model: NAME]` <
-the YAML file < command-line `--key=value` overrides. Unknown keys are rejected with the closest valid key;
-every value is checked against the type of its default. The resolved config is saved with every run.
+Every key is a field of `TrainConfig` with its type, default and one line of help (`train_accelerate.py --help`
+prints them). Resolution order, later wins: the defaults below < a model preset named in the YAML's
+`defaults: [model: NAME]` < the YAML file < command-line `--key=value`. Unknown keys are refused with the closest
+valid one; every value is checked against its field's type and rule, and a refusal names where the value came
+from (the file or the command line). The resolved config is final before anything uses it, and is saved with
+every run (out_dir/train_config.yaml).
 """
 
+import dataclasses
 import difflib
+import math
 import os
+from dataclasses import dataclass, field
 
 import yaml
 
 from .configuration_nanogpt import ACTIVATIONS
 from .errors import UserError
 
-__all__ = ["DEFAULTS", "load_config", "parse_cli", "resolve_config_path", "validate", "public_config"]
+__all__ = ["TrainConfig", "load_config", "resumed_config", "parse_cli", "resolve_config_path", "help_text", "CONFIGS_DIR",
+           "LOGGERS", "CLI"]
 
-# ----------------------------------------------------------------------------------------------- defaults
-# default config values designed to train a gpt2 (124M) on OpenWebText (nanoGPT's train.py)
-DEFAULTS = dict(
-    # I/O
-    out_dir="out",
-    eval_interval=2000,
-    log_interval=1,
-    eval_iters=200,
-    eval_only=False,  # if True, script exits right after the first eval
-    always_save_checkpoint=True,  # if True, always save a checkpoint after each eval
-    init_from="scratch",  # 'scratch' | 'resume' | 'auto' (resume if out_dir has a checkpoint) | 'gpt2*' | folder | hub id
-    resume_from="",  # init_from=resume: a checkpoint folder, an out_dir or a hub id (default: this out_dir)
-    keep_last=2,  # checkpoints kept besides the best one
-    # data
-    dataset="openwebtext",  # data/<dataset>/ with train.bin, val.bin, meta.json (prepare.py)
-    data_dir="",  # explicit folder instead of data/<dataset>
-    data_source="memmap",  # 'memmap' (prepared bins) | 'streaming' (tokenize a datasets dataset on the fly)
-    stream_dataset="",  # streaming: a datasets name ...
-    stream_files=[],  # ... or local .txt/.jsonl/.parquet files
-    stream_val_files=[],  # streaming: held-out files for evaluation (else the stream's val split)
-    stream_split="train",
-    stream_val_split="validation",
-    stream_text_column="text",
-    gradient_accumulation_steps=5 * 8,  # used to simulate larger batch sizes (total over all processes)
-    batch_size=12,  # if gradient_accumulation_steps > 1, this is the micro-batch size
-    block_size=1024,
-    # model
-    n_layer=12,
-    n_head=12,
-    n_embd=768,
-    dropout=0.0,  # for pretraining 0 is good, for finetuning try 0.1+
-    bias=False,  # do we use bias inside LayerNorm and Linear layers?
-    activation_function="gelu",  # nanoGPT's exact GELU; 'gelu_new' is GPT-2's tanh one (4x slower kernel on CPU)
-    # adamw optimizer
-    learning_rate=6e-4,  # max learning rate
-    max_iters=600000,  # total number of training iterations
-    weight_decay=1e-1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,  # clip gradients at this value, or disable if == 0.0
-    # learning rate decay settings
-    decay_lr=True,  # whether to decay the learning rate
-    warmup_iters=2000,  # how many steps to warm up for
-    lr_decay_iters=600000,  # should be ~= max_iters per Chinchilla
-    min_lr=6e-5,  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
-    # system
-    device="auto",  # 'auto' | 'cpu' | 'cuda': Accelerate places everything; 'cpu' forces the CPU
-    dtype="auto",  # 'auto' (bf16 where supported, else fp16 on GPU, fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
-    compile=False,  # torch.compile the model (nanoGPT's default is True; falls back with a warning)
-    seed=1337,
-    max_bad_steps=10,  # non-finite loss/gradient steps in a row before the run stops
-    # logging
-    wandb_log=False,  # disabled by default
-    wandb_project="owt",
-    wandb_run_name="gpt2",
-    loggers=[],  # more trackers: 'wandb', 'tensorboard' (log.jsonl in out_dir is always written)
-    # hub
-    push_to_hub=False,
-    hub_model_id="",
-    hub_private=True,
-    hub_strategy="end",  # 'end' | 'every_save'
-    hub_push_training_state=False,
-)
-
-CHOICES = dict(
-    activation_function=ACTIVATIONS,
-    data_source=("memmap", "streaming"),
-    device=("auto", "cpu", "cuda"),
-    dtype=("auto", "float32", "bfloat16", "float16"),
-    hub_strategy=("end", "every_save"),
-)
-POSITIVE = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size", "block_size",
-            "n_layer", "n_head", "n_embd", "max_bad_steps")
-NON_NEGATIVE = ("max_iters", "keep_last", "learning_rate", "weight_decay", "grad_clip", "warmup_iters",
-                "lr_decay_iters", "min_lr")
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # shipped with the package
 LOGGERS = ("wandb", "tensorboard")
+CLI = "command line"
+
+
+def setting(default, help, rule=None, choices=None):
+    """A config field: its default, one line of help, and the check its value must pass."""
+    meta = {"help": help, "rule": rule, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Rules: name -> (test, what the value must be)
+RULES = {
+    "positive": (lambda v: v > 0, "positive"),
+    "non_negative": (lambda v: v >= 0, "zero or more"),
+    "unit": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Default config values designed to train a gpt2 (124M) on OpenWebText, as nanoGPT's train.py."""
+
+    # I/O
+    out_dir: str = setting("out", "the run's folder: model files, checkpoints/, log.jsonl, train_config.yaml")
+    eval_interval: int = setting(2000, "evaluate (and checkpoint) every this many iterations", "positive")
+    log_interval: int = setting(1, "log the training loss every this many iterations", "positive")
+    eval_iters: int = setting(200, "batches per split in each evaluation (in total over all processes)", "positive")
+    eval_only: bool = setting(False, "evaluate the model once, then exit (nothing is saved)")
+    always_save_checkpoint: bool = setting(True, "checkpoint at every evaluation, not only when val loss improves")
+    init_from: str = setting("scratch", "scratch | resume | auto (resume if out_dir has a checkpoint) | gpt2* | a "
+                                        "model folder | a hub id")
+    resume_from: str = setting("", "init_from=resume: a checkpoint, an out_dir or a hub id (default: out_dir)")
+    keep_last: int = setting(2, "checkpoints kept besides the best one", "non_negative")
+    allow_data_change: bool = setting(False, "resume even if the data differ from the checkpoint's (sizes, meta.json)")
+    # data
+    dataset: str = setting("openwebtext", "data/<dataset>/ holding train.bin, val.bin and meta.json (prepare.py)")
+    data_dir: str = setting("", "a prepared folder to use instead of data/<dataset>")
+    data_source: str = setting("memmap", "memmap (prepared bins) | streaming (tokenize a dataset on the fly)",
+                               choices=("memmap", "streaming"))
+    stream_dataset: str = setting("", "streaming: a datasets name ...")
+    stream_files: list = setting([], "... or local .txt/.jsonl/.parquet files")
+    stream_val_files: list = setting([], "streaming: held-out files for evaluation (else the dataset's val split)")
+    stream_split: str = setting("train", "streaming: the split to train on")
+    stream_val_split: str = setting("validation", "streaming: the split to evaluate on")
+    stream_text_column: str = setting("text", "streaming: the column holding the text")
+    gradient_accumulation_steps: int = setting(5 * 8, "micro-steps per iteration, in total over all processes "
+                                                      "(rounded up to a multiple of the process count)", "positive")
+    batch_size: int = setting(12, "micro-batch size per process", "positive")
+    block_size: int = setting(1024, "context length in tokens", "positive")
+    # model
+    n_layer: int = setting(12, "transformer blocks", "positive")
+    n_head: int = setting(12, "attention heads per block", "positive")
+    n_embd: int = setting(768, "embedding width (a multiple of n_head)", "positive")
+    dropout: float = setting(0.0, "dropout; for pretraining 0 is good, for finetuning try 0.1+", "unit")
+    bias: bool = setting(False, "biases inside LayerNorm and Linear layers (GPT-2: true)")
+    activation_function: str = setting("gelu", "gelu (nanoGPT's exact GELU) | gelu_new (GPT-2's tanh one)",
+                                       choices=ACTIVATIONS)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, ~30% "
+                                                  "more compute (large finetunes)")
+    # adamw optimizer
+    learning_rate: float = setting(6e-4, "max learning rate", "non_negative")
+    max_iters: int = setting(600000, "total number of training iterations", "non_negative")
+    weight_decay: float = setting(1e-1, "AdamW weight decay of the 2-D weights", "non_negative")
+    beta1: float = setting(0.9, "AdamW beta1", "unit")
+    beta2: float = setting(0.95, "AdamW beta2", "unit")
+    grad_clip: float = setting(1.0, "clip gradients at this norm, or disable if == 0.0", "non_negative")
+    # learning rate decay settings
+    decay_lr: bool = setting(True, "warm up, then decay the learning rate (cosine)")
+    warmup_iters: int = setting(2000, "how many steps to warm up for", "non_negative")
+    lr_decay_iters: int = setting(600000, "decay until this iteration; should be ~= max_iters per Chinchilla",
+                                  "non_negative")
+    min_lr: float = setting(6e-5, "minimum learning rate, should be ~= learning_rate/10 per Chinchilla",
+                            "non_negative")
+    # system
+    device: str = setting("auto", "auto | cpu | cuda: Accelerate places everything; cpu forces the CPU",
+                          choices=("auto", "cpu", "cuda"))
+    dtype: str = setting("auto", "auto (bf16 where supported, else fp16 on GPU, fp32 on CPU) | float32 | bfloat16 | "
+                                 "float16", choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool = setting(False, "torch.compile the model (falls back with a warning where unavailable)")
+    seed: int = setting(1337, "random seed (weights, data order, dropout)", "seed")
+    max_bad_steps: int = setting(10, "non-finite steps in a row before the run stops", "positive")
+    # logging
+    wandb_log: bool = setting(False, "log to Weights & Biases (needs WANDB_API_KEY, or WANDB_MODE=offline)")
+    wandb_project: str = setting("owt", "W&B project")
+    wandb_run_name: str = setting("gpt2", "W&B run name")
+    loggers: list = setting([], "more trackers: wandb, tensorboard (out_dir/log.jsonl is always written)")
+    # hub
+    push_to_hub: bool = setting(False, "push the model folder to the Hugging Face Hub")
+    hub_model_id: str = setting("", "the Hub repository, e.g. your-name/my-gpt")
+    hub_private: bool = setting(True, "create the Hub repository private")
+    hub_strategy: str = setting("end", "end | every_save: push at the end, or after every checkpoint",
+                                choices=("end", "every_save"))
+    hub_push_training_state: bool = setting(False, "push the latest checkpoint too, so another machine can resume")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 # ----------------------------------------------------------------------------------------------- files
-def _repo_root():
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def resolve_config_path(name, config_path=None):
-    """A YAML path from a path, or a name looked up in configs/ (here, then next to the package)."""
-    candidates = [name]
+    """A YAML path from a path, or a name looked up in ./configs, then the configs shipped with the package.
+    nanoGPT's habit `config/train_shakespeare_char.py` names the YAML of the same name."""
+    if name.endswith(".py"):
+        name = os.path.splitext(os.path.basename(name))[0]
     stem = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
-    for folder in ([config_path] if config_path else []) + ["configs", os.path.join(_repo_root(), "configs")]:
-        candidates.append(os.path.join(folder, stem))
+    candidates = [name] + [os.path.join(d, stem) for d in ([config_path] if config_path else []) + ["configs", CONFIGS_DIR]]
     for path in candidates:
         if os.path.isfile(path):
             return path
-    available = sorted(f[:-5] for f in os.listdir(os.path.join(_repo_root(), "configs")) if f.endswith(".yaml")) \
-        if os.path.isdir(os.path.join(_repo_root(), "configs")) else []
+    available = sorted(f[:-5] for f in os.listdir(CONFIGS_DIR) if f.endswith(".yaml"))
     raise UserError(f"config {name!r} not found (looked in {', '.join(candidates)}); available: {', '.join(available)}")
 
 
@@ -121,6 +151,8 @@ def _read_yaml(path):
         line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"{path}: malformed YAML{line}: {problem}") from e
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e.strerror})") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -149,17 +181,17 @@ def _load_yaml_config(path):
 
 # ----------------------------------------------------------------------------------------------- checks
 def _suggest(key):
-    close = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else "; see DEFAULTS in nanogpt_hf/config.py"
+    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else "; see train_accelerate.py --help"
 
 
 def _coerce(key, value, source):
-    """value checked against the type of DEFAULTS[key] (ints are accepted for floats)."""
-    default = DEFAULTS[key]
-    expected = type(default)
-    if expected in (int, float) and isinstance(value, str):  # YAML 1.1 reads 6e-4 (no dot) as a string
+    """value checked against the field's type (ints are accepted for floats; YAML 1.1 reads 6e-4 as a string)."""
+    expected = FIELDS[key].type
+    default = getattr(TrainConfig(), key)
+    if expected in (int, float) and isinstance(value, str):
         try:
-            value = expected(value) if expected is float else int(value, 0)
+            value = float(value) if expected is float else int(value, 0)
         except ValueError:
             pass
     if expected is bool:
@@ -167,6 +199,8 @@ def _coerce(key, value, source):
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise UserError(f"{source}: {key} must be a finite number, got {value!r}")
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif expected is list:
@@ -182,46 +216,73 @@ def _coerce(key, value, source):
     return value
 
 
-def validate(cfg, source="config"):
-    for key in POSITIVE:
-        if cfg[key] <= 0:
-            raise UserError(f"{source}: {key} must be positive, got {cfg[key]}")
-    for key in NON_NEGATIVE:
-        if cfg[key] < 0:
-            raise UserError(f"{source}: {key} must not be negative, got {cfg[key]}")
-    for key, choices in CHOICES.items():
-        if cfg[key] not in choices:
-            raise UserError(f"{source}: {key} must be one of {', '.join(choices)}; got {cfg[key]!r}")
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise UserError(f"{source}: n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})")
-    if not 0 <= cfg["dropout"] < 1:
-        raise UserError(f"{source}: dropout must be in [0, 1), got {cfg['dropout']}")
-    for name in cfg["loggers"]:
+def validate(cfg, sources):
+    """Every rule of every field, then the rules across fields; a refusal names where the value came from."""
+    def where(key):
+        return sources.get(key, "the defaults")
+
+    for name, f in FIELDS.items():
+        value = getattr(cfg, name)
+        rule, choices = f.metadata["rule"], f.metadata["choices"]
+        if rule and not RULES[rule][0](value):
+            raise UserError(f"{where(name)}: {name} must be {RULES[rule][1]}, got {value!r}")
+        if choices and value not in choices:
+            raise UserError(f"{where(name)}: {name} must be one of {', '.join(choices)}; got {value!r}")
+    if not cfg.out_dir.strip():
+        raise UserError(f"{where('out_dir')}: out_dir is empty; name a folder for the run, e.g. --out_dir=out")
+    if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"{where('min_lr')}: min_lr ({cfg.min_lr}) is above learning_rate ({cfg.learning_rate}); "
+                        f"nanoGPT's rule is min_lr ~= learning_rate / 10")
+    for name in cfg.loggers:
         if name not in LOGGERS:
-            raise UserError(f"{source}: unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
-    if cfg["push_to_hub"] and not cfg["hub_model_id"]:
-        raise UserError(f"{source}: push_to_hub needs hub_model_id (e.g. your-name/my-gpt)")
+            raise UserError(f"{where('loggers')}: unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise UserError(f"{where('push_to_hub')}: push_to_hub needs hub_model_id (e.g. your-name/my-gpt)")
+    if cfg.data_source == "streaming":
+        if bool(cfg.stream_dataset) == bool(cfg.stream_files):
+            raise UserError(f"{where('data_source')}: data_source=streaming needs either stream_dataset (a datasets "
+                            f"name) or stream_files (local files), not both or neither")
+        if cfg.stream_files and not cfg.stream_val_files:
+            raise UserError(f"{where('stream_files')}: streaming from local files has no validation split: give "
+                            f"held-out files with --stream_val_files=a.jsonl,b.jsonl")
+    _validate_model_shape(cfg, where)
     return cfg
 
 
-def _apply(cfg, updates, source):
+def _validate_model_shape(cfg, where):
+    """The model's own config checks the shape (one place for those rules)."""
+    from .configuration_nanogpt import NanoGPTConfig
+
+    try:
+        NanoGPTConfig(vocab_size=64, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                      n_embd=cfg.n_embd, dropout=cfg.dropout, activation_function=cfg.activation_function)
+    except ValueError as e:
+        key = next((k for k in ("n_embd", "n_head", "n_layer", "block_size", "dropout") if k in str(e)), "n_embd")
+        raise UserError(f"{where(key)}: {str(e).removeprefix('NanoGPTConfig.')}") from e
+
+
+def apply(values, updates, sources, source):
+    """Checked updates into a plain {key: value} dict, recording each key's source."""
     for key, value in updates.items():
-        if key not in DEFAULTS:
+        if key not in FIELDS:
             raise UserError(f"{source}: unknown key {key!r}{_suggest(key)}")
-        cfg[key] = _coerce(key, value, source)
+        values[key] = _coerce(key, value, source)
+        sources[key] = source
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 def parse_cli(argv):
     """(config name or None, config_path or None, {key: value}) from `--config X --key=value --key value`.
 
-    Also accepts the seed's `--config-path=DIR --config-name=NAME` and bare `key=value` (Hydra style)."""
+    Also accepts the seed's `--config-path=DIR --config-name=NAME`, bare `key=value` (Hydra style) and nanoGPT's
+    positional `config/NAME.py`."""
     name, config_path, overrides = None, None, {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            raise SystemExit(_help())
+            print(help_text())
+            raise SystemExit(0)
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             if not eq:
@@ -236,7 +297,7 @@ def parse_cli(argv):
         else:
             raise UserError(f"unexpected argument {arg!r}: use --key=value")
         key = key.replace("-", "_")
-        if key == "config" or key == "config_name":
+        if key in ("config", "config_name"):
             name = value
         elif key == "config_path":
             config_path = value
@@ -249,29 +310,41 @@ def parse_cli(argv):
     return name, config_path, overrides
 
 
-def _help():
-    lines = ["usage: train_accelerate.py [--config NAME_OR_PATH] [--key=value ...]", "", "keys and defaults:"]
-    lines += [f"  --{k}={v!r}" for k, v in DEFAULTS.items()]
+def help_text():
+    lines = ["usage: train_accelerate.py [--config NAME_OR_PATH] [--key=value ...]", "",
+             "Configs: a YAML path, or a name from ./configs or the shipped ones: "
+             + ", ".join(sorted(f[:-5] for f in os.listdir(CONFIGS_DIR) if f.endswith(".yaml"))), "",
+             "keys (type, default): help"]
+    defaults = TrainConfig()
+    for name, f in FIELDS.items():
+        lines.append(f"  --{name}  ({f.type.__name__}, {getattr(defaults, name)!r}): {f.metadata['help']}")
     return "\n".join(lines)
 
 
-def public_config(cfg):
-    """The config as saved and shown: without the bookkeeping keys (`_config_file`, `_explicit`)."""
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-
 def load_config(argv=()):
-    """The resolved config dict (plus `_config_file`) from command-line arguments."""
+    """(TrainConfig, sources) from command-line arguments. sources maps each key set by a file or the command
+    line to where it came from (a path, or "command line")."""
     name, config_path, overrides = parse_cli(list(argv))
-    cfg = {k: (list(v) if isinstance(v, list) else v) for k, v in DEFAULTS.items()}  # lists copied, not shared
-    source_file, explicit = None, set(overrides)
+    values, sources = {}, {}
     if name:
         source_file = resolve_config_path(name, config_path)
-        from_file = _load_yaml_config(source_file)
-        _apply(cfg, from_file, source_file)
-        explicit |= set(from_file)
-    _apply(cfg, overrides, "command line")
-    validate(cfg, source_file or "command line")
-    cfg["_config_file"] = source_file
-    cfg["_explicit"] = sorted(explicit)  # what the user set: on resume only these override the run's own config
-    return cfg
+        apply(values, _load_yaml_config(source_file), sources, source_file)
+    apply(values, overrides, sources, CLI)
+    cfg = TrainConfig(**values)
+    return validate(cfg, sources), sources
+
+
+def resumed_config(saved, cfg, sources):
+    """A resumed run keeps its own resolved config: only the keys given on this command line change it (how this
+    command starts - init_from, resume_from - is not part of the run). Returns (config, sources, {key: (old, new)}
+    for the keys that changed)."""
+    values = {k: v for k, v in saved.items() if k in FIELDS}  # a key added since the run started keeps its default
+    merged_sources = {k: "the resumed run's train_config" for k in values}
+    changed = {}
+    for key, source in sources.items():
+        if source == CLI and key not in ("init_from", "resume_from"):
+            if values.get(key, getattr(TrainConfig(), key)) != getattr(cfg, key):
+                changed[key] = (values.get(key), getattr(cfg, key))
+            values[key] = getattr(cfg, key)
+            merged_sources[key] = CLI
+    return validate(TrainConfig(**values), merged_sources), merged_sources, changed

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .prepare import load_documents, read_meta, tokenize_batch
+from .corpus import load_documents, read_meta, tokenize_batch
 
 __all__ = ["MemmapBatches", "StreamingBatches", "check_bin"]
 

@@ -1,6 +1,7 @@
 """User mistakes become one line on stderr and exit code 2; programming errors keep their traceback."""
 
 import functools
+import os
 import sys
 
 __all__ = ["UserError", "cli_main"]
@@ -27,10 +28,20 @@ def cli_main(main):
             result = main(*args, **kwargs)
             return result if args or kwargs else None
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            _say(f"error: {e}")
             sys.exit(2)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            _say("interrupted")
             sys.exit(130)
 
     return wrapper
+
+
+def _say(message):
+    """One line on stderr, from one process of a multi-process run (every rank leaves with the same error), and
+    through tqdm so it never lands on a progress bar's line."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)

@@ -24,14 +24,15 @@ from torch.nn import functional as F
 from .errors import UserError, cli_main
 from .fileio import atomic_path
 from .model_io import load_model_and_tokenizer
-from .prepare import dataset_dir, read_meta
+from .corpus import dataset_dir, read_meta
 from .tokenization import char_vocabulary, check_same_vocabulary, encode_text, meta_signature, tokenizer_signature
 
 __all__ = ["main", "evaluate_tokens", "score_multiple_choice", "write_model_card_results"]
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="nanogpt-eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="nanogpt-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", required=True, help="an out_dir / model folder, a hub id, or gpt2*")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="a prepared dataset: data/<name> (train.bin/val.bin/meta.json)")
@@ -90,10 +91,10 @@ def _load_tokens(args, tokenizer):
         check_same_vocabulary(tokenizer_signature(tokenizer), meta_signature(meta), "the model")
         return np.memmap(path, dtype=np.uint16, mode="r"), f"{data_dir}/{args.split}.bin"
     if args.text_file:
-        from .prepare import read_text
+        from .corpus import read_text
 
         return np.asarray(_encode(tokenizer, read_text(args.text_file)), dtype=np.int64), args.text_file
-    from .prepare import load_documents
+    from .corpus import load_documents
 
     files = [f for f in args.hf_dataset.split(",") if os.path.exists(f)]
     ds = load_documents(None if files else args.hf_dataset, files or None, args.text_column)
@@ -185,18 +186,39 @@ def write_model_card_results(folder, title, result):
         f.write(text)
 
 
+def _check_inputs(args):
+    """Every input that can be checked without the model, checked first; returns the multiple-choice examples."""
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    if args.output:
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UserError(f"--output {args.output}: {folder} is not a writable folder; create it first")
+    if args.text_file and not os.path.isfile(args.text_file):
+        raise UserError(f"--text_file {args.text_file} does not exist")
+    if args.dataset or args.data_dir:
+        data_dir = args.data_dir or dataset_dir(args.dataset)
+        read_meta(data_dir)
+        if not os.path.exists(os.path.join(data_dir, f"{args.split}.bin")):
+            raise UserError(f"{os.path.join(data_dir, args.split + '.bin')} does not exist: --split is train or val")
+    if args.hf_dataset:
+        for name in args.hf_dataset.split(","):
+            if not os.path.exists(name) and (os.path.splitext(name)[1] or name.startswith((".", "/", "~"))):
+                raise UserError(f"--hf_dataset {name}: no such file")
+    return _read_mc(args.multiple_choice) if args.multiple_choice else None
+
+
 @cli_main
 def main(argv=None):
     from accelerate import Accelerator
 
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
+    examples = _check_inputs(args)  # before the model loads (which may be a gpt2-xl download)
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     model, tokenizer = load_model_and_tokenizer(args.init_from)
     model.eval().to(accelerator.device)
     if args.multiple_choice:
-        result = score_multiple_choice(model, tokenizer, _read_mc(args.multiple_choice))
+        result = score_multiple_choice(model, tokenizer, examples)
         title = f"multiple choice on {os.path.basename(args.multiple_choice)}"
         accelerator.print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
     else:

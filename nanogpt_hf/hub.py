@@ -1,100 +1,103 @@
-"""Push a training run to the Hugging Face Hub, and pull a run's training state back to resume it elsewhere.
+"""nanogpt-hub: push a training run to the Hugging Face Hub, and pull a run's training state back to resume it.
 
-The token comes from the environment (HF_TOKEN) or `hf auth login`, through huggingface_hub; it is never
-printed, logged or written to out_dir.
+    python -m nanogpt_hf.hub push OUT_DIR REPO_ID [--public] [--training_state]
+    python -m nanogpt_hf.hub pull REPO_ID          # prints the local folder; then --resume_from=REPO_ID trains on
+
+The trainer pushes by itself with --push_to_hub=true. The token comes from the environment (HF_TOKEN) or
+`hf auth login`, through huggingface_hub; it is never printed, logged or written to out_dir.
 """
 
+import argparse
 import json
 import os
 
 import yaml
 
-from .checkpoint import latest_checkpoint
-from .config import public_config
-from .errors import UserError
-from .plot import read_log
+from .config import TrainConfig
+from .errors import UserError, cli_main
+from .run_dir import RunDir
 
-__all__ = ["model_card", "push_run", "download_training_state", "MODEL_FILES"]
+__all__ = ["model_card", "push_run", "download_training_state", "MODEL_FILES", "main"]
 
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "*.py", "tokenizer*", "vocab.json",
                "merges.txt", "special_tokens_map.json", "added_tokens.json", "README.md", "train_config.yaml",
                "log.jsonl", "loss.png"]
 
 
-def _run_state(out_dir):
-    ckpt = latest_checkpoint(os.path.join(out_dir, "checkpoints"))
+def _run_state(run):
+    ckpt = run.latest_checkpoint()
     if ckpt is None:
         return None, None
     with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
         return ckpt, json.load(f)
 
 
-def _last_losses(out_dir):
-    if not os.path.exists(os.path.join(out_dir, "log.jsonl")):
-        return None, None
-    evals = [r for r in read_log(out_dir) if "val/loss" in r]
-    return (evals[-1]["train/loss_eval"], evals[-1]["val/loss"]) if evals else (None, None)
-
-
-def model_card(cfg, state, train_loss=None, val_loss=None):
+def model_card(cfg, state):
     """README.md of a pushed run: what was trained, on what, how far, and the command that reproduces it."""
     tokens = f"{state['tokens_seen']:,}" if state else "unknown"
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a"  # noqa: E731
+    repo = cfg.hub_model_id or os.path.basename(os.path.abspath(cfg.out_dir))
+    data = cfg.dataset if cfg.data_source == "memmap" else cfg.stream_dataset or ", ".join(cfg.stream_files)
     return f"""---
 library_name: transformers
 tags: [nanogpt, nanogpt-hf, text-generation]
 pipeline_tag: text-generation
 ---
 
-# {cfg.get('hub_model_id') or os.path.basename(os.path.abspath(cfg['out_dir']))}
+# {repo}
 
-A NanoGPT ({cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, context {cfg['block_size']}) trained
-with [nanogpt-hf](https://github.com/) on `{cfg['dataset'] if cfg['data_source'] == 'memmap' else cfg['stream_dataset'] or cfg['stream_files']}`.
+A NanoGPT ({cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, context {cfg.block_size}) trained with
+nanogpt-hf (nanoGPT as a transformers model) on `{data}`.
 
 | | |
 |---|---|
 | iterations | {state['iter_num'] if state else 'n/a'} |
 | tokens seen | {tokens} |
-| final train loss | {fmt(train_loss)} |
-| final val loss | {fmt(val_loss)} |
+| train loss (last evaluation) | {fmt(state.get('train_loss') if state else None)} |
+| val loss (last evaluation) | {fmt(state.get('val_loss') if state else None)} |
 
 ```python
 from transformers import pipeline
-pipe = pipeline("text-generation", model="{cfg.get('hub_model_id') or 'THIS_REPO'}", trust_remote_code=True)
+pipe = pipeline("text-generation", model="{cfg.hub_model_id or 'THIS_REPO'}", trust_remote_code=True)
 ```
 
 Reproduce (train_config.yaml is in this repository):
 
 ```bash
-accelerate launch train_accelerate.py --config train_config.yaml
+python train_accelerate.py --config train_config.yaml
 ```
 
 ## Training config
 
 ```yaml
-{yaml.safe_dump(public_config(cfg), sort_keys=False).strip()}
+{yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip()}
 ```
 """
 
 
 def push_run(cfg, include_training_state=False, api=None):
-    """Uploads out_dir's model folder (+ model card) and optionally the latest checkpoint to hub_model_id."""
+    """Uploads out_dir's model folder (+ model card) and optionally the latest checkpoint to hub_model_id.
+    Any failure (network, access) is one UserError with the whole reason."""
     from huggingface_hub import HfApi
 
     api = api or HfApi()
-    out_dir, repo_id = cfg["out_dir"], cfg["hub_model_id"]
-    ckpt, state = _run_state(out_dir)
-    train_loss, val_loss = _last_losses(out_dir)
-    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(cfg, state, train_loss, val_loss))
-    api.create_repo(repo_id, private=cfg["hub_private"], exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=out_dir, allow_patterns=MODEL_FILES,
-                      ignore_patterns=["*/*"],  # top-level files only: not checkpoints/, wandb/, tensorboard logs
-                      commit_message=f"nanogpt-hf: iteration {state['iter_num'] if state else 0}")
-    if include_training_state and ckpt:
-        api.upload_folder(repo_id=repo_id, folder_path=ckpt, path_in_repo=f"checkpoints/{os.path.basename(ckpt)}",
-                          commit_message=f"training state at iteration {state['iter_num']}")
-    return repo_id
+    run = RunDir(cfg.out_dir)
+    ckpt, state = _run_state(run)
+    with open(os.path.join(cfg.out_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(cfg, state))
+    try:
+        api.create_repo(cfg.hub_model_id, private=cfg.hub_private, exist_ok=True)
+        api.upload_folder(repo_id=cfg.hub_model_id, folder_path=cfg.out_dir, allow_patterns=MODEL_FILES,
+                          ignore_patterns=["*/*"],  # top-level files only: not checkpoints/, wandb/, tensorboard logs
+                          commit_message=f"nanogpt-hf: iteration {state['iter_num'] if state else 0}")
+        if include_training_state and ckpt:
+            api.upload_folder(repo_id=cfg.hub_model_id, folder_path=ckpt,
+                              path_in_repo=f"checkpoints/{os.path.basename(ckpt)}",
+                              commit_message=f"training state at iteration {state['iter_num']}")
+    except Exception as e:  # offline, no token, no access: the run stays as it is
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"cannot push to {cfg.hub_model_id} ({type(e).__name__}: {reason})") from e
+    return cfg.hub_model_id
 
 
 def download_training_state(repo_id):
@@ -106,6 +109,39 @@ def download_training_state(repo_id):
     except Exception as e:  # offline and not cached, unknown repo, no access: one answer for the user
         raise UserError(f"resume_from={repo_id}: cannot get its training state from the Hub ({type(e).__name__}); "
                         f"check the id, your access and the network") from e
-    if latest_checkpoint(os.path.join(folder, "checkpoints")) is None:
+    if RunDir(folder).latest_checkpoint() is None:
         raise UserError(f"{repo_id} holds no training state: push it with hub_push_training_state=true")
     return folder
+
+
+def _config_of(out_dir):
+    run = RunDir(out_dir)
+    if not os.path.exists(run.config_path):
+        raise UserError(f"{out_dir} has no train_config.yaml: not a training run (train into it first)")
+    with open(run.config_path, encoding="utf-8") as f:
+        saved = yaml.safe_load(f) or {}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="nanogpt-hub", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    push = sub.add_parser("push", help="upload a run's model folder (and its latest checkpoint)")
+    push.add_argument("out_dir", help="a training run's folder")
+    push.add_argument("repo_id", help="the Hub repository, e.g. your-name/my-gpt")
+    push.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    push.add_argument("--training_state", action="store_true", help="also push the latest checkpoint (to resume)")
+    pull = sub.add_parser("pull", help="download a pushed run's training state; prints its folder")
+    pull.add_argument("repo_id")
+    args = p.parse_args(argv)
+    if args.command == "pull":
+        print(download_training_state(args.repo_id))
+        return
+    cfg = _config_of(args.out_dir)
+    cfg.out_dir, cfg.hub_model_id, cfg.hub_private = args.out_dir, args.repo_id, not args.public
+    print(f"pushed {args.out_dir} to {push_run(cfg, include_training_state=args.training_state)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -83,8 +83,8 @@ def _load_model(name_or_path, dropout, **overrides):
 def _model_type(name_or_path):
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, "config.json")
-    elif name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:  # a path, not a hub id
-        raise UserError(f"{name_or_path}: no such model folder")
+    elif name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") != 1:  # not owner/name: a path
+        raise UserError(f"{name_or_path}: no such model folder (a Hub model id looks like owner/name)")
     else:
         from huggingface_hub import hf_hub_download
 

@@ -17,6 +17,7 @@ This file is copied next to every saved model, so it imports only transformers, 
 """
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -213,6 +214,8 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         return_dict = cfg.return_dict if return_dict is None else return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("NanoGPTModel.forward needs exactly one of input_ids and inputs_embeds")
+        if past_key_values is not None and _CACHE_FIELD == "cache":  # the name older transformers pass
+            warnings.warn("`past_key_values` is deprecated in this transformers version; pass `cache`", FutureWarning)
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = cfg.use_cache and not self.training  # only the default depends on training

@@ -1,20 +1,13 @@
-"""nanogpt-plot OUT_DIR: train/val loss and learning rate from OUT_DIR/log.jsonl, as OUT_DIR/loss.png."""
+"""nanogpt-plot OUT_DIR: train/val loss and learning rate from OUT_DIR/log.jsonl, as OUT_DIR/loss.png, then one
+line saying which iteration the run's model folder holds."""
 
 import argparse
-import json
 import os
 
 from .errors import UserError, cli_main
+from .run_dir import RunDir
 
-__all__ = ["main", "read_log", "plot_run"]
-
-
-def read_log(out_dir):
-    path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
-        raise UserError(f"{path} does not exist: nothing has been trained into {out_dir}")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+__all__ = ["main", "plot_run"]
 
 
 def plot_run(out_dir, path=None):
@@ -25,7 +18,7 @@ def plot_run(out_dir, path=None):
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise UserError("plotting needs matplotlib: pip install matplotlib (or the [plot] extra)") from e
-    records = read_log(out_dir)
+    records = RunDir(out_dir).read_log(warn=print)
     steps = [r for r in records if "train/loss" in r]
     evals = [r for r in records if "val/loss" in r]
     if not steps and not evals:
@@ -58,13 +51,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="nanogpt-plot", description=__doc__)
     p.add_argument("out_dir")
     p.add_argument("--output", default=None, help="PNG path (default OUT_DIR/loss.png)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
     args = p.parse_args(argv)
     path = plot_run(args.out_dir, args.output)
     if not args.quiet:
         print(f"wrote {path}")
-    else:
-        print(f"loss curve: {path}")
+        print(RunDir(args.out_dir).summary())
     return path
 
 

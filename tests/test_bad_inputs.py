@@ -14,6 +14,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from nanogpt_hf.sample import main as sample_main
 from nanogpt_hf.train import main as train_main
 
+pytestmark = pytest.mark.slow  # every test here starts processes (trainers, launchers, CLIs)
+
 
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
@@ -69,9 +71,9 @@ def test_trainer_bad_input_table(tmp_path, char_data, bpe_data, gpt2_folder, fin
         (train_args(tmp_path / "o5", bpe_data, f"--init_from={corrupt}"), "cannot load the model"),
         (train_args(finished_run, char_data), "already holds checkpoints of a run"),
         (train_args(finished_run, char_data, "--init_from=resume", "--n_layer=3"),
-         "was trained with n_layer=2 but the config says 3"),
+         "was trained with n_layer=2 but the command line says 3"),
         (train_args(finished_run, char_data, "--init_from=resume", "--activation_function=gelu_new"),
-         "was trained with activation_function='gelu' but the config says 'gelu_new'"),
+         "was trained with activation_function='gelu' but the command line says 'gelu_new'"),
         (train_args(tmp_path / "o8", char_data, "--activation_function=relu"), "activation_function must be one of"),
         (train_args(finished_run, bpe_data, "--init_from=resume"),
          "uses a 65-character vocabulary but the data was prepared with GPT-2 BPE"),

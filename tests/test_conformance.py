@@ -68,6 +68,7 @@ def test_1_readme_pipeline_on_a_model_with_a_short_context(char_folder):
 
 
 # ------------------------------------------------------------------------------------- 2. Trainer sees labels
+@pytest.mark.slow
 def test_2_trainer_evaluate_reports_eval_loss_and_keeps_the_best_model(tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
@@ -246,6 +247,7 @@ def test_8_char_tokenizer_is_stock_with_end_of_text(tmp_path):
     assert again.decode(tok.encode("ab") + [66], skip_special_tokens=True) == "ab"
 
 
+@pytest.mark.slow
 def test_8_exported_char_folder_loads_without_remote_code_or_the_package(char_folder, tmp_path):
     from nanogpt_hf.export import export_gpt2
 
@@ -284,6 +286,7 @@ def test_8_lm_eval_generate_until_runs_on_a_char_model(char_folder):
 
 
 # ------------------------------------------------------------------------ 9. tokenizer of a BPE folder alone
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bpe", "char"])
 def test_9_autotokenizer_loads_a_model_folders_tokenizer_without_a_prompt(kind, bpe_folder, char_folder):
     folder = bpe_folder if kind == "bpe" else char_folder
@@ -341,6 +344,7 @@ def test_11_a_checkpoint_without_the_tied_embedding_reports_it_like_gpt2(tiny, t
 
 
 # ------------------------------------------------------------------------------------- old folders still load
+@pytest.mark.slow
 def test_folders_saved_by_version_0_1_still_load(tmp_path):
     ref = torch.load(os.path.join(V01_CHAR, "reference_logits.pt"), weights_only=True)
     model = AutoModelForCausalLM.from_pretrained(V01_CHAR).eval()

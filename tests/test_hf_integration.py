@@ -47,6 +47,7 @@ def test_saved_folder_is_self_contained(saved_folders):
     assert isinstance(loaded, NanoGPTForCausalLM) and loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
+@pytest.mark.slow
 def test_fresh_process_without_the_package_loads_and_runs_pipelines(saved_folders):
     proc = run_python(
         f"""

@@ -10,6 +10,8 @@ import struct
 import pytest
 from conftest import TRAIN, read_log, run_cli, train_args
 
+pytestmark = pytest.mark.slow  # every test here starts processes (trainers, launchers, CLIs)
+
 
 def read_wandb_records(path):
     """Records of a W&B run file: a 7-byte header (':W&B', magic, version), then LevelDB-log framing (32 KiB blocks,

@@ -250,6 +250,13 @@ def test_training_step_and_dropout(tiny):
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert out.cache is None if hasattr(out, "cache") else out.past_key_values is None
+    # dropout is active in training (two passes differ) and off in eval (two passes agree, equal to dropout=0)
+    with torch.no_grad():
+        assert not torch.equal(model(x).logits, model(x).logits)
+        model.eval()
+        assert torch.equal(model(x).logits, model(x).logits)
+        no_dropout = tiny_model(dropout=0.0)
+        assert torch.allclose(model(x).logits, no_dropout(x).logits, atol=1e-6)
 
 
 @pytest.mark.parametrize("bias, activation", [(True, "gelu_new"), (False, "gelu_new"), (False, "gelu")])

@@ -1,0 +1,120 @@
+"""Reading corpora and prepared datasets: the readers shared by prepare.py, the trainer, data.py and nanogpt-eval.
+
+A prepared folder holds train.bin and val.bin (uint16 token ids) and meta.json (tokenizer, vocabulary, counts),
+written last, so its presence means the bins are complete.
+"""
+
+import json
+import os
+
+from .errors import UserError
+from .tokenization import GPT2_EOT, gpt2_encoding
+
+__all__ = ["dataset_dir", "read_meta", "read_text", "load_documents", "tokenize_batch", "BUILDERS"]
+
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def dataset_dir(name):
+    """data/<name> under the working directory, else the one in this repository checkout (where prepare.py
+    scripts write by default)."""
+    local = os.path.join("data", name)
+    repo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", name)
+    return local if os.path.isdir(local) or not os.path.isdir(repo) else repo
+
+
+def read_meta(data_dir):
+    """meta.json of a prepared folder, with a clear error where it is missing or broken."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"dataset folder {data_dir} does not exist: run its prepare.py first (python {data_dir}/prepare.py)")
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing: the dataset is not prepared (or preparation was interrupted); run prepare.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is unreadable ({e}); run prepare.py again") from e
+
+
+def read_text(path):
+    """A whole UTF-8 text file; one clear error for a missing, empty or non-UTF-8 file."""
+    if not os.path.isfile(path):
+        raise UserError(f"input file {path} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise UserError(f"input file {path} is empty: give a text corpus")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                        f"convert it, e.g. iconv -f latin1 -t utf-8") from e
+
+
+def load_documents(dataset=None, files=None, text_column="text", num_proc=None, sample_by="paragraph", streaming=False):
+    """A `datasets` dataset (all splits) of documents from a hub name or local files, text column checked."""
+    import datasets
+
+    if bool(dataset) == bool(files):
+        raise UserError("give either a dataset name (--dataset) or local files (--files), not both or neither")
+    try:
+        if files:
+            builder, kwargs = _builder_for(files, sample_by)
+            ds = datasets.load_dataset(builder, data_files={"train": list(files)}, streaming=streaming, **kwargs)
+        else:
+            ds = datasets.load_dataset(dataset, streaming=streaming, **({} if streaming else {"num_proc": num_proc}))
+    except UserError:
+        raise
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise UserError(f"cannot load {dataset or files}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # datasets wraps decode errors of its builders in its own exception types
+        if isinstance(e.__cause__ or e.__context__, UnicodeDecodeError) or "codec can't decode" in str(e):
+            raise UserError(f"{dataset or files}: not UTF-8 text; convert it, e.g. iconv -f latin1 -t utf-8") from e
+        raise
+    split = next(iter(ds.values()))
+    columns = split.column_names or []
+    if columns and text_column not in columns:
+        raise UserError(f"{dataset or files}: no column {text_column!r} (columns: {', '.join(columns)}); "
+                        f"pass --text_column with one of them")
+    return ds
+
+
+def _builder_for(files, sample_by):
+    kinds = set()
+    for path in files:
+        if not os.path.isfile(path):
+            raise UserError(f"input file {path} does not exist")
+        if os.path.getsize(path) == 0:
+            raise UserError(f"input file {path} is empty: give a text corpus")
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in BUILDERS:
+            raise UserError(f"{path}: unknown file type {ext!r}; use .txt, .jsonl, .json, .parquet or .csv")
+        kinds.add(BUILDERS[ext])
+        if BUILDERS[ext] in ("text", "json"):
+            _check_utf8(path)
+    if len(kinds) > 1:
+        raise UserError(f"mixed file types ({', '.join(sorted(kinds))}): prepare one kind at a time")
+    builder = kinds.pop()
+    return builder, ({"sample_by": sample_by} if builder == "text" else {})
+
+
+def _check_utf8(path, chunk=1 << 24):
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not UTF-8 (byte {offset + e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from e
+            offset += len(block)
+
+
+def tokenize_batch(texts):
+    """encode_ordinary (special tokens are plain text) + EOT after each document, like nanoGPT's openwebtext."""
+    enc = gpt2_encoding()
+    # a plain loop: encode_ordinary_batch's thread pool costs more than it saves (2.3 vs 14.7 MB/s measured here)
+    return [enc.encode_ordinary(text) + [GPT2_EOT] for text in texts]

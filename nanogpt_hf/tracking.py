@@ -1,0 +1,95 @@
+"""What a run reports while it trains: the progress display, the journal (out_dir/log.jsonl) and the trackers.
+
+The display suits where it runs: a tqdm bar in a terminal; nanoGPT's plain lines (`iter N: loss ..., time
+...ms, mfu ...%`) every log_interval when stdout is a file or a CI log. Every other message goes through
+`Progress.write`, so it never shares the bar's line. Only the main process shows anything.
+"""
+
+import json
+import os
+import secrets
+import sys
+
+from tqdm.auto import tqdm
+
+__all__ = ["Progress", "Journal", "init_trackers"]
+
+
+class Progress:
+    def __init__(self, total, initial, enabled, stream=None):
+        self.stream = stream or sys.stdout
+        self.enabled = enabled
+        self.bar = None
+        if enabled and self.stream.isatty():
+            # a terminal that reports no size (a bare pty) would hide the bar: assume 80x24 there
+            size = os.get_terminal_size(self.stream.fileno())
+            sized = size.columns > 0 and size.lines > 0
+            self.bar = tqdm(total=total, initial=initial, desc="training", dynamic_ncols=sized, file=self.stream,
+                            ncols=None if sized else 80, nrows=None if sized else 24)
+
+    def write(self, message):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def step(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, iter_num, loss, lr, dt, mfu):
+        """The log_interval line: in the bar's postfix in a terminal, as nanoGPT's line elsewhere."""
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ms=f"{dt * 1000:.1f}", mfu=f"{mfu * 100:.1f}%",
+                                 refresh=False)
+        else:
+            self.write(f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, mfu {mfu * 100:.2f}%")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Journal:
+    """out_dir/log.jsonl (always) plus Accelerate's trackers (W&B, TensorBoard), written by the main process."""
+
+    def __init__(self, accelerator, run_dir):
+        self.accelerator = accelerator
+        self.file = run_dir.open_log() if accelerator.is_main_process else None
+
+    def log(self, record):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.accelerator.log_with:
+            self.accelerator.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def init_trackers(accelerator, cfg, tracker_ids):
+    """Starts W&B/TensorBoard; a resumed run continues the same W&B run (its id is kept in the checkpoint)."""
+    if not accelerator.log_with:
+        return tracker_ids
+    ids = dict(tracker_ids or {})
+    init_kwargs = {}
+    if any(getattr(t, "value", t) == "wandb" for t in accelerator.log_with):
+        ids.setdefault("wandb", secrets.token_hex(4))  # W&B run ids: lowercase letters and digits
+        init_kwargs["wandb"] = {"name": cfg.wandb_run_name, "id": ids["wandb"], "resume": "allow", "dir": cfg.out_dir}
+    scalars = {k: v for k, v in cfg.to_dict().items() if not isinstance(v, list)}
+    try:
+        accelerator.init_trackers(cfg.wandb_project, config=scalars, init_kwargs=init_kwargs)
+    except Exception as e:  # wandb.errors.UsageError (no API key), CommError (no network): before any work is done
+        if type(e).__module__.startswith("wandb"):
+            from .errors import UserError
+
+            raise UserError(f"W&B could not start ({type(e).__name__}: {str(e).splitlines()[0]}): run `wandb login` "
+                            f"or set WANDB_API_KEY, or log offline with WANDB_MODE=offline") from e
+        raise
+    return ids

@@ -1,0 +1,192 @@
+"""The run folder under the faults real runs meet, through real trainer processes: preemption (SIGTERM, SIGINT),
+a killed launcher, a second trainer on the same out_dir, re-runs, crashes at every phase of a save, a torn
+journal. Each resumed run is compared bit for bit with an uninterrupted one."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, TRAIN, read_log, run_train, train_args, train_losses
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+LONG = ["--max_iters=300", "--eval_interval=100", "--always_save_checkpoint=true", "--dropout=0.1", "--keep_last=1",
+        "--log_interval=1"]
+
+
+def _start(out, data, *extra, launcher=None):
+    cmd = [*(launcher or [sys.executable]), TRAIN, *train_args(out, data, *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_iter(out, n, proc, timeout=120):
+    """Polls the journal until the run has logged iteration n."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if any(r.get("iter", -1) >= n for r in read_log(out)):
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"iteration {n} not reached")
+
+
+def _weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory, char_data):
+    out = tmp_path_factory.mktemp("long") / "out"
+    run_train(out, char_data, *LONG)
+    return out
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_preemption_checkpoints_the_current_step_and_resumes_bit_exact(tmp_path, char_data, long_reference, sig, code):
+    out = tmp_path / "out"
+    proc = _start(out, char_data, *LONG)
+    _wait_for_iter(out, 130, proc)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr[-2000:]
+    assert "Traceback" not in stderr
+    stopped = [line for line in stdout.splitlines() if line.startswith("stopped by")]
+    assert len(stopped) == 1, stdout[-2000:]
+    iteration = int(stopped[0].split("at iteration ")[1].split(":")[0])
+    assert iteration > 130 and f"ckpt-{iteration:07d}" in os.listdir(out / "checkpoints")
+    resumed = run_train(out, char_data, *LONG, "--init_from=auto")
+    assert f"Resuming training from {out}/checkpoints/ckpt-{iteration:07d}" in resumed.stdout
+    assert train_losses(out) == train_losses(long_reference)  # bit for bit, no record lost or doubled
+    assert [r["iter"] for r in read_log(out) if "train/loss" in r] == list(range(300))
+    assert _same_weights(out, long_reference)
+
+
+def test_a_killed_launcher_takes_its_worker_with_it(tmp_path, char_data):
+    out = tmp_path / "out"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                os.path.join(ROOT, "accelerate_configs", "cpu.yaml")]
+    proc = _start(out, char_data, *LONG, launcher=launcher)
+    _wait_for_iter(out, 120, proc)
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, as an OOM killer or a scheduler might
+    proc.communicate(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # the worker notices (SIGTERM from the kernel), checkpoints and leaves
+        alive = subprocess.run(["pgrep", "-f", f"--out_dir={out}"], capture_output=True, text=True).stdout.split()
+        if not alive:
+            break
+        time.sleep(0.2)
+    assert not alive, "the worker outlived its launcher"
+    steps = [r["iter"] for r in read_log(out) if "train/loss" in r]
+    newest = max(int(c.split("-")[1]) for c in os.listdir(out / "checkpoints") if c.startswith("ckpt-"))
+    assert newest == steps[-1] + 1 and newest > 120  # the step it was on was saved
+
+
+def test_a_second_trainer_on_the_same_out_dir_is_refused(tmp_path, char_data):
+    out = tmp_path / "out"
+    first = _start(out, char_data, *LONG)
+    _wait_for_iter(out, 20, first)
+    second = subprocess.run([sys.executable, TRAIN, *train_args(out, char_data, *LONG, "--init_from=auto",
+                                                                 "--learning_rate=2e-3")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"error: out_dir {out} is in use by another trainer (pid {first.pid}" in second.stderr
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert json.loads(json.dumps(__import__("yaml").safe_load(open(out / "train_config.yaml"))))["learning_rate"] == 3e-3
+    # the lock died with its holder: a new run on the folder starts (and, finished, changes nothing)
+    before = {name: _digest(out / name) for name in ("log.jsonl", "model.safetensors", "train_config.yaml")}
+    again = run_train(out, char_data, *LONG, "--init_from=auto")
+    assert "done: trained to iteration 300" in again.stdout
+    assert before == {name: _digest(out / name) for name in before}
+
+
+def test_the_last_iteration_is_always_evaluated_and_saved(tmp_path, char_data):
+    out = tmp_path / "out"
+    proc = run_train(out, char_data, "--max_iters=25", "--eval_interval=10")
+    assert sorted(os.listdir(out / "checkpoints"))[-1] == "ckpt-0000025"
+    evals = [r for r in read_log(out) if "val/loss" in r]
+    assert [r["iter"] for r in evals] == [0, 10, 20, 25]
+    done = [line for line in proc.stdout.splitlines() if line.startswith("done:")][0]
+    assert f"val loss {evals[-1]['val/loss']:.4f}" in done and f"model folder {out} holds iteration 25" in done
+
+
+def test_a_run_shorter_than_eval_interval_leaves_a_model_and_a_true_summary(tmp_path, char_data):
+    out = tmp_path / "out"
+    proc = run_train(out, char_data, "--max_iters=7", "--eval_interval=250")
+    evals = [r for r in read_log(out) if "val/loss" in r]
+    assert [r["iter"] for r in evals] == [0, 7]
+    assert f"model folder {out} holds iteration 7 (val loss {evals[-1]['val/loss']:.4f})" in proc.stdout
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == 2
+
+
+def test_crash_before_the_first_checkpoint_then_auto_gives_one_record_per_step(tmp_path, char_data):
+    out = tmp_path / "out"
+    args = ["--max_iters=12", "--eval_interval=10"]
+    killed = run_train(out, char_data, *args, env={"NANOGPT_KILL_AT": "step@6"}, check=False)
+    assert killed.returncode == -9 and [r["iter"] for r in read_log(out) if "train/loss" in r] == [0, 1, 2, 3, 4]
+    run_train(out, char_data, *args, "--init_from=auto")
+    iters = [r["iter"] for r in read_log(out) if "train/loss" in r]
+    assert iters == list(range(12))
+    assert [r["iter"] for r in read_log(out) if "val/loss" in r] == [0, 10, 12]
+
+
+def test_resume_keeps_the_checkpoints_eval_and_drops_a_torn_line(tmp_path, char_data):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = ["--max_iters=20", "--eval_interval=10", "--always_save_checkpoint=true", "--dropout=0.1"]
+    run_train(ref, char_data, *args)
+    killed = run_train(out, char_data, *args, env={"NANOGPT_KILL_AT": "step@14"}, check=False)
+    assert killed.returncode == -9
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 13, "train/lo')  # a torn last line: power loss mid-write
+    resumed = run_train(out, char_data, *args, "--init_from=resume")
+    assert "is damaged (torn write?): dropped" in resumed.stdout
+    assert train_losses(out) == train_losses(ref)
+    assert [r["iter"] for r in read_log(out) if "val/loss" in r] == [0, 10, 20]  # the resume point's eval kept
+
+
+def test_crash_between_a_checkpoint_and_the_model_refresh_is_repaired(tmp_path, char_data):
+    out = tmp_path / "out"
+    args = ["--max_iters=20", "--eval_interval=10", "--always_save_checkpoint=true"]
+    killed = run_train(out, char_data, *args, env={"NANOGPT_KILL_AT": "publish@2"}, check=False)
+    assert killed.returncode == -9
+    newest = out / "checkpoints" / "ckpt-0000020"
+    assert newest.exists() and not _same_weights(out, newest / "model")  # out_dir still holds iteration 10
+    (out / ".model-tmp-999").mkdir()  # what an ENOSPC during a refresh leaves
+    again = run_train(out, char_data, *args, "--init_from=auto")
+    assert "restored from it" in again.stdout and "removed .model-tmp-999" in again.stdout
+    assert _same_weights(out, newest / "model") and not (out / ".model-tmp-999").exists()
+
+
+def test_checkpoint_files_are_readable_like_the_rest_of_the_folder(tmp_path, char_data):
+    out = tmp_path / "out"
+    run_train(out, char_data, "--max_iters=2", "--eval_interval=2")
+    modes = {os.stat(os.path.join(r, f)).st_mode & 0o777 for r, _, fs in os.walk(out) for f in fs if f != ".lock"}
+    assert modes == {0o666 & ~_umask()}, modes
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
