@@ -59,6 +59,7 @@ def make_accelerator(cfg, trackers):
     on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda, but no CUDA GPU is visible; use device=auto or device=cpu")
+    _check_launch_file_device(cfg)
     _die_with_parent()
     _join_elastic_restart(on_gpu)
     try:
@@ -80,6 +81,16 @@ def make_accelerator(cfg, trackers):
     if not on_gpu:
         keep_freed_memory_mapped()  # no per-step page faults for the step's big temporaries (hardware.py)
     return accelerator, cfg, warnings
+
+
+def _check_launch_file_device(cfg):
+    """A GPU launch file on a machine without GPUs would silently train on the CPU (in fp32, as many CPU processes
+    as it names GPUs): stop, unless the CPU was asked for explicitly (--device=cpu)."""
+    by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    cpu_file = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    if by_accelerate and not cpu_file and not torch.cuda.is_available() and cfg.device != "cpu":
+        raise UserError("this accelerate launch file is for GPUs, but no CUDA GPU is visible: use "
+                        "accelerate_configs/cpu.yaml or cpu_ddp.yaml, or add --device=cpu to train on the CPU anyway")
 
 
 def round_accumulation(gas, world):

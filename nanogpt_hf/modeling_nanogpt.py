@@ -160,6 +160,12 @@ class NanoGPTPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
 
+    @classmethod
+    def _can_set_attn_implementation(cls):
+        # transformers guesses this from the source (an attention class calling its interface registry); ours reads
+        # config._attn_implementation at every call, so set_attn_implementation("eager" | "sdpa") takes effect
+        return True
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # A saved causal LM also names the base model in auto_map, so `AutoModel.from_pretrained(folder,
         # trust_remote_code=True)` (feature extraction) works in a fresh environment too.
@@ -372,8 +378,10 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         block_size = self.config.block_size
         if new_ids is None or past + new_ids.size(1) <= block_size:
             return inputs
-        if past:
-            cache.crop(-past)  # empty it: works for dynamic and static caches alike
+        if past and getattr(cache, "is_compileable", False):
+            cache.reset()  # a static cache: its slots are overwritten from position 0 again
+        elif past:
+            cache.crop(-past)  # a dynamic cache: emptied (transformers 5.x, old and new crop semantics alike)
         inputs["input_ids"] = input_ids[:, -block_size:].contiguous()
         mask = kwargs.get("attention_mask")
         inputs.pop("position_ids", None)  # recomputed from the cropped mask

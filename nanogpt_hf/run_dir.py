@@ -21,7 +21,7 @@ import socket
 
 import yaml
 
-from .checkpoint import CKPT_PREFIX, MANIFEST, checkpoint_dirs, latest_checkpoint, sha256_of
+from .checkpoint import CKPT_PREFIX, MANIFEST, checkpoint_dirs, fault_point, latest_checkpoint, sha256_of
 from .errors import UserError
 from .fileio import atomic_path
 
@@ -154,19 +154,26 @@ class RunDir:
         tmp = os.path.join(self.path, f"{MODEL_TMP_PREFIX}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp)
-        for name in os.listdir(tmp):
+        for n, name in enumerate(sorted(os.listdir(tmp))):
             os.replace(os.path.join(tmp, name), os.path.join(self.path, name))
+            if n == 0:
+                fault_point("publish_file")  # a half-refreshed model folder
         os.rmdir(tmp)
 
     def model_is_current(self):
-        """Whether out_dir's weights are the newest checkpoint's (compared through the checkpoint's manifest)."""
+        """Whether out_dir's model files are the newest checkpoint's, every one (through the checkpoint's manifest)."""
         ckpt = self.latest_checkpoint()
         if ckpt is None:
             return True
         with open(os.path.join(ckpt, MANIFEST), encoding="utf-8") as f:
-            expected = json.load(f)["files"].get(os.path.join("model", "model.safetensors"), {}).get("sha256")
-        mine = os.path.join(self.path, "model.safetensors")
-        return os.path.exists(mine) and expected == sha256_of(mine)
+            files = json.load(f)["files"]
+        prefix = "model" + os.sep
+        for rel, meta in files.items():
+            if rel.startswith(prefix):
+                mine = os.path.join(self.path, rel[len(prefix):])
+                if not os.path.exists(mine) or os.path.getsize(mine) != meta["size"] or sha256_of(mine) != meta["sha256"]:
+                    return False
+        return True
 
     def repair_model(self, warn):
         """At start: a crash between a checkpoint's rename and the model refresh left older weights in out_dir."""

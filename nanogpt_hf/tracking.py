@@ -12,6 +12,8 @@ import sys
 
 from tqdm.auto import tqdm
 
+from .checkpoint import fault_point
+
 __all__ = ["Progress", "Journal", "init_trackers"]
 
 
@@ -63,6 +65,7 @@ class Journal:
     def log(self, record):
         if self.file is None:
             return
+        fault_point("log")
         self.file.write(json.dumps(record) + "\n")
         if self.accelerator.log_with:
             self.accelerator.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])

@@ -10,11 +10,13 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
 
 from .checkpoint import (
     CKPT_PREFIX,
@@ -250,23 +252,38 @@ def maybe_compile(model, cfg, log):
 # ------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(accelerator, model, optimizer, train_source, tokenizer, cfg, run, state, tokens_per_iter):
     """Writes checkpoints/ckpt-N atomically (see checkpoint.py), then makes out_dir's model folder equal to it.
-    Returns the checkpoint path, or None when the weights are not finite (such a checkpoint is never written)."""
+    Returns the checkpoint path, or None when the weights are not finite (such a checkpoint is never written).
+    A full disk or a permission error is one UserError on every rank; the previous checkpoint stays intact."""
     unwrapped = accelerator.unwrap_model(model)
     finite = torch.tensor(float(all(torch.isfinite(p).all() for p in unwrapped.parameters())), device=accelerator.device)
     if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
         return None
     final = run.checkpoint_path(state.iter_num)
     tmp = os.path.join(run.checkpoints, f".tmp-{os.path.basename(final)}")
-    if accelerator.is_main_process:
-        import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    save_tree(os.path.join(tmp, f"rank{accelerator.process_index}"), {"rng": rng_state(), "data": train_source.state_dict()})
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def writing(step):  # a failed write: the temporary folder goes, the error is one line on every rank
+        try:
+            step()
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = getattr(e, "strerror", None) or str(e)
+            previous = run.latest_checkpoint()
+            raise UserError(f"cannot write checkpoint {final} ({reason}); "
+                            f"{'the previous one, ' + previous + ', is intact' if previous else 'nothing was saved'}: "
+                            f"free disk space or fix permissions, then continue with init_from=auto") from e
+
+    def begin():
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            fault_point("checkpoint_begin")  # an empty temporary folder
+
+    def rank_state():
+        save_tree(os.path.join(tmp, f"rank{accelerator.process_index}"), {"rng": rng_state(), "data": train_source.state_dict()})
+
+    def main_part():
+        if not accelerator.is_main_process:
+            return
         unwrapped.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
         fault_point("checkpoint")  # half-written: weights there, optimizer and manifest not yet
@@ -276,16 +293,19 @@ def save_checkpoint(accelerator, model, optimizer, train_source, tokenizer, cfg,
                       tokenizer=tokenizer_signature(tokenizer), model_shape=_shape_of(unwrapped.config))
         with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
+        fault_point("checkpoint_manifest")  # every file written, no manifest yet
         write_manifest(tmp)
         if os.path.isdir(final):  # the same iteration saved again by a rerun from an older checkpoint
-            import shutil
-
             shutil.rmtree(final)
         os.replace(tmp, final)
         fault_point("publish")  # renamed, the model folder not yet refreshed: repaired at the next start
         prune_checkpoints(run.checkpoints, cfg.keep_last, state.best_checkpoint)
         run.publish_model(final)
-    accelerator.wait_for_everyone()
+
+    together(accelerator, lambda: writing(begin))
+    together(accelerator, lambda: writing(rank_state))
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
+    together(accelerator, lambda: writing(main_part))
     return final
 
 
@@ -362,6 +382,11 @@ def train(cfg, sources=None):
         if main:
             run.acquire()
             run.probe_writable()
+            # a checkpoint holds the weights, AdamW's two moments and a copy for the model folder (fp32)
+            need = 4 * 4 * sum(p.numel() for p in model.parameters())
+            if run.free_bytes() < 2 * need:
+                log(f"warning: {run.free_bytes() / 1e6:.0f} MB free in {cfg.out_dir}, a checkpoint needs about "
+                    f"{need / 1e6:.0f} MB: saves may fail (the run would stop with the previous checkpoint intact)")
             for name in run.clean_leftovers():
                 log(f"removed {name}, left by an interrupted write")
             run.repair_model(log)

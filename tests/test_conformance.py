@@ -62,7 +62,7 @@ def test_1_readme_pipeline_on_a_model_with_a_short_context(char_folder):
     pipe = pipeline("text-generation", model=str(char_folder))
     text = pipe("ROMEO:", max_new_tokens=40, do_sample=False)[0]["generated_text"]
     tok, model = pipe.tokenizer, pipe.model
-    ref = _greedy_cropped(model, torch.tensor([tok.encode("ROMEO:")]), 40)
+    ref = _greedy_cropped(model, torch.tensor([tok.encode("ROMEO:")], device=model.device), 40)
     assert text == tok.decode(ref[0]) and len(ref[0]) == 46 > 16
     assert pipe("ROMEO:", max_new_tokens=30, do_sample=True, top_k=50)[0]["generated_text"].startswith("ROMEO:")
 
@@ -102,6 +102,23 @@ def test_2_loss_uses_transformers_loss_function_with_num_items_in_batch(tiny):
     # nanoGPT's pre-shifted targets still reach the loss, as a keyword Trainer does not mistake for labels
     assert torch.allclose(tiny(x[:, :-1], shift_labels=x[:, 1:]).loss,
                           F.cross_entropy(tiny(x[:, :-1]).logits.reshape(-1, 96), x[:, 1:].reshape(-1)), atol=1e-6)
+
+
+def test_2_shift_labels_win_over_labels_as_sequence_parallel_trainers_need(tiny):
+    """With both given (sequence/context-parallel trainers shift before sharding), the loss follows shift_labels."""
+    x = torch.randint(0, 96, (2, 10))
+    shifted = torch.randint(0, 96, (2, 10))
+    base = tiny(x, labels=x, shift_labels=shifted).loss
+    assert torch.equal(base, tiny(x, labels=torch.randint(0, 96, (2, 10)), shift_labels=shifted).loss)
+    assert not torch.equal(base, tiny(x, labels=x, shift_labels=torch.randint(0, 96, (2, 10))).loss)
+
+
+def test_4_attention_can_be_switched_on_a_live_model(tiny):
+    x = torch.randint(0, 96, (1, 9))
+    sdpa = tiny(x).logits
+    tiny.set_attn_implementation("eager")
+    assert tiny.config._attn_implementation == "eager" and tiny(x, output_attentions=True).attentions is not None
+    assert torch.allclose(tiny(x).logits, sdpa, atol=1e-5)
 
 
 # -------------------------------------------------------------------------- 3. padding side saved; batching

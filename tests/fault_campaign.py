@@ -1,0 +1,223 @@
+"""The run-folder fault campaign behind docs/robustness.md (too long for the suite: about 5 minutes on 2 cores).
+
+    python tests/fault_campaign.py [--disk_full]      # --disk_full mounts a small tmpfs: needs root
+
+Kills a tiny trainer (SIGKILL) at every phase of a training step, an evaluation, a checkpoint write, the model
+refresh and the journal append, then resumes it with init_from=auto from a differently seeded process and checks
+the result against one uninterrupted run: every complete checkpoint matches its manifest, the journal holds each
+step and each evaluation exactly once, the per-step losses and final weights are bit-identical, the model folder
+equals the newest checkpoint. Then SIGTERM/SIGINT at random moments, and bad inputs: each must be one `error:`
+line and exit code 2, with the run folder and the data folder unchanged (hashed before and after).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train_accelerate.py")
+ARGS = ["--config", "train_shakespeare_char_cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_iters=4", "--log_interval=1", "--warmup_iters=5", "--max_iters=24", "--eval_interval=6",
+        "--always_save_checkpoint=true", "--dropout=0.1", "--keep_last=1"]
+KILL_POINTS = ["step@1", "step@4", "step@9", "step@15", "step@22", "eval@2", "eval@4", "eval@7", "log@3", "log@12",
+               "log@26", "checkpoint_begin@1", "checkpoint_begin@3", "checkpoint@1", "checkpoint@2",
+               "checkpoint_manifest@1", "checkpoint_manifest@3", "publish@1", "publish@2", "publish_file@1",
+               "publish_file@3", "step@24"]
+
+
+def run(out, data, *extra, env=None, timeout=300):
+    cmd = [sys.executable, TRAIN, *ARGS, f"--data_dir={data}", f"--out_dir={out}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def journal(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def tree_digest(folder):
+    return {os.path.relpath(os.path.join(r, f), folder): digest(os.path.join(r, f))
+            for r, _, fs in os.walk(folder) for f in fs}
+
+
+def check(out, reference):
+    """(corrupt checkpoints, journal records lost or doubled, resume not bit-identical, model folder stale)."""
+    sys.path.insert(0, ROOT)
+    from nanogpt_hf.checkpoint import checkpoint_dirs, verify_checkpoint
+    from nanogpt_hf.errors import UserError
+    from nanogpt_hf.run_dir import RunDir
+
+    corrupt = 0
+    for ckpt in checkpoint_dirs(os.path.join(out, "checkpoints")):
+        try:
+            verify_checkpoint(ckpt)
+        except UserError:
+            corrupt += 1
+    records, ref = journal(out), journal(reference)
+    steps = [r["iter"] for r in records if "train/loss" in r]
+    evals = [r["iter"] for r in records if "val/loss" in r]
+    ref_evals = [r["iter"] for r in ref if "val/loss" in r]
+    lost_or_doubled = abs(len(steps) - 24) + sum(steps.count(i) != 1 for i in range(24)) + \
+        (evals != ref_evals)
+    losses = {r["iter"]: r["train/loss"] for r in records if "train/loss" in r}
+    ref_losses = {r["iter"]: r["train/loss"] for r in ref if "train/loss" in r}
+    differs = int(losses != ref_losses or digest(os.path.join(out, "model.safetensors"))
+                  != digest(os.path.join(reference, "model.safetensors")))
+    stale = int(not RunDir(out).model_is_current())
+    return corrupt, lost_or_doubled, differs, stale
+
+
+def sigkill_campaign(tmp, data, reference, table):
+    for point in KILL_POINTS:
+        out = os.path.join(tmp, "kill-" + point.replace("@", "-"))
+        killed = run(out, data, env={"NANOGPT_KILL_AT": point})
+        resumed = run(out, data, "--init_from=auto", "--seed=4242")
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        table.append((f"SIGKILL at {point}", killed.returncode == -9, *check(out, reference)))
+
+
+def signal_campaign(tmp, data, reference, table, rng):
+    for sig in [signal.SIGTERM] * 3 + [signal.SIGINT] * 3:
+        out = os.path.join(tmp, f"sig-{len(table)}")
+        cmd = [sys.executable, TRAIN, *ARGS, f"--data_dir={data}", f"--out_dir={out}"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(3.5, 6.0))  # start-up is ~3 s: somewhere in the run
+        proc.send_signal(sig)
+        stdout, _ = proc.communicate(timeout=120)
+        resumed = run(out, data, "--init_from=auto")
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        where = next((ln.split("at iteration ")[1].split(":")[0] for ln in stdout.splitlines()
+                      if ln.startswith("stopped by")), "after the end")
+        table.append((f"{signal.Signals(sig).name} at iteration {where}", proc.returncode == 128 + sig,
+                      *check(out, reference)))
+
+
+def disk_full_campaign(tmp, data, reference, table):
+    mount = os.path.join(tmp, "small")
+    os.makedirs(mount)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", mount], check=True)
+    try:
+        out = os.path.join(mount, "out")
+        full = run(out, data)
+        one_line = full.returncode == 2 and "Traceback" not in full.stderr and "No space left" in full.stderr
+        table.append(("disk full during a checkpoint: one line, exit 2", one_line, 0, 0, 0, 0))
+        subprocess.run(["mount", "-o", "remount,size=20m", mount], check=True)
+        resumed = run(out, data, "--init_from=auto")
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        table.append(("  then space freed, init_from=auto", True, *check(out, reference)))
+    finally:
+        subprocess.run(["umount", mount], check=False)
+
+
+BAD_INPUTS = [
+    # (extra arguments, message): the config
+    (["--learning_rat=1e-3"], "did you mean 'learning_rate'"), (["--batch_size=twelve"], "batch_size must be int"),
+    (["--dropout=yes"], "dropout must be float"), (["--learning_rate=nan"], "finite"), (["--weight_decay=nan"], "finite"),
+    (["--grad_clip=nan"], "finite"), (["--learning_rate=inf"], "finite"), (["--min_lr=-inf"], "finite"),
+    (["--beta1=2"], "beta1 must be in [0, 1)"), (["--beta2=-0.5"], "beta2 must be in [0, 1)"), (["--beta1=1"], "beta1"),
+    (["--seed=100000000000000000000000"], "seed"), (["--seed=-1"], "seed"), (["--min_lr=1"], "min_lr"),
+    (["--out_dir="], "out_dir is empty"), (["--n_layer=0"], "n_layer must be positive"),
+    (["--n_head=-2"], "n_head must be positive"), (["--n_embd=30", "--n_head=4"], "divisible"),
+    (["--block_size=0"], "block_size must be positive"), (["--batch_size=0"], "batch_size must be positive"),
+    (["--gradient_accumulation_steps=0"], "gradient_accumulation_steps"), (["--eval_interval=0"], "eval_interval"),
+    (["--eval_iters=-5"], "eval_iters"), (["--log_interval=0"], "log_interval"), (["--max_iters=-1"], "max_iters"),
+    (["--warmup_iters=-1"], "warmup_iters"), (["--keep_last=-1"], "keep_last"), (["--dropout=1.0"], "dropout"),
+    (["--dropout=-0.1"], "dropout"), (["--dtype=float8"], "dtype must be one of"), (["--device=tpu"], "device"),
+    (["--data_source=tape"], "data_source"), (["--activation_function=relu"], "activation_function"),
+    (["--hub_strategy=never"], "hub_strategy"), (["--loggers=mlflow"], "unknown logger"),
+    (["--push_to_hub=true"], "hub_model_id"), (["--data_source=streaming"], "stream_dataset"),
+    (["--data_source=streaming", "--stream_files=x.txt"], "stream_val_files"), (["--max_iters"], "needs a value"),
+    (["--config", "no_such_config"], "not found"), (["--decay_lr=maybe"], "decay_lr must be bool"),
+    (["--compile=2"], "compile must be bool"), (["--max_bad_steps=0"], "max_bad_steps"),
+    (["--learning_rate=-1e-3"], "learning_rate"), (["stray", "arguments"], "unexpected argument"),
+    # the data and the run
+    (["--dataset=no_such_dataset", "--data_dir="], "does not exist"), (["--init_from=resume", "--out_dir=@EMPTY"], "no complete checkpoint"),
+    (["--init_from=scratch"], "already holds checkpoints"), (["--init_from=resume", "--n_layer=3"], "was trained with n_layer=2"),
+    (["--init_from=resume", "--n_embd=64"], "was trained with n_embd=32"), (["--init_from=resume", "--bias=true"], "was trained with bias"),
+    (["--init_from=resume", "--activation_function=gelu_new"], "activation_function"),
+    (["--init_from=resume", "--block_size=16"], "was trained with block_size"),
+    (["--init_from=/no/such/folder", "--out_dir=@EMPTY"], "no such model folder"),
+    (["--init_from=out", "--out_dir=@EMPTY"], "no such model folder"),
+    (["--init_from=resume", "--resume_from=/no/such/run"], "no complete checkpoint"),
+    (["--init_from=resume", "--data_dir=@BPE"], "prepared with GPT-2 BPE"),
+    (["--data_dir=@NOMETA", "--out_dir=@EMPTY"], "meta.json is missing"),
+    (["--data_dir=@EMPTYBIN", "--out_dir=@EMPTY"], "train.bin is empty"),
+    (["--data_dir=@BADMETA", "--out_dir=@EMPTY"], "meta.json is unreadable"),
+    (["--init_from=resume", "--resume_from=@DAMAGED"], "does not match its manifest"),
+]
+
+
+def bad_input_campaign(tmp, data, reference, table):
+    import shutil
+
+    from nanogpt_hf.prepare import prepare_shakespeare
+
+    folders = {"@EMPTY": os.path.join(tmp, "empty-out"), "@BPE": os.path.join(tmp, "bpe"),
+               "@NOMETA": os.path.join(tmp, "nometa"), "@EMPTYBIN": os.path.join(tmp, "emptybin"),
+               "@BADMETA": os.path.join(tmp, "badmeta"), "@DAMAGED": os.path.join(tmp, "damaged")}
+    prepare_shakespeare(folders["@BPE"])
+    for name in ("@NOMETA", "@EMPTYBIN", "@BADMETA"):
+        shutil.copytree(data, folders[name])
+    os.remove(os.path.join(folders["@NOMETA"], "meta.json"))
+    open(os.path.join(folders["@EMPTYBIN"], "train.bin"), "wb").close()
+    open(os.path.join(folders["@BADMETA"], "meta.json"), "w").write("{not json")
+    shutil.copytree(reference, folders["@DAMAGED"])
+    newest = sorted(os.listdir(os.path.join(folders["@DAMAGED"], "checkpoints")))[-1]
+    with open(os.path.join(folders["@DAMAGED"], "checkpoints", newest, "optimizer.safetensors"), "r+b") as f:
+        f.truncate(100)
+    watched = [reference, data, folders["@BPE"]]
+    before = [tree_digest(w) for w in watched]
+    for extra, message in BAD_INPUTS:
+        extra = [a.split("=")[0] + "=" + folders[a.split("=")[1]] if "=@" in a else a for a in extra]
+        proc = subprocess.run([sys.executable, TRAIN, *ARGS, f"--data_dir={data}", f"--out_dir={reference}", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+        ok = proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1 and message in errors[0]
+        table.append((f"bad input {' '.join(extra)}", ok, 0, 0, 0, 0))
+    table.append(("  run folder and data folders unchanged (sha256 of every file)",
+                  before == [tree_digest(w) for w in watched], 0, 0, 0, 0))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--disk_full", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    sys.path.insert(0, ROOT)
+    from nanogpt_hf.prepare import prepare_shakespeare_char
+
+    table = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        prepare_shakespeare_char(data)
+        reference = os.path.join(tmp, "reference")
+        assert run(reference, data).returncode == 0
+        sigkill_campaign(tmp, data, reference, table)
+        signal_campaign(tmp, data, reference, table, random.Random(args.seed))
+        if args.disk_full:
+            disk_full_campaign(tmp, data, reference, table)
+        bad_input_campaign(tmp, data, reference, table)
+    print("| fault | as expected | corrupt checkpoints | journal records lost or doubled | resume not bit-identical | "
+          "model folder stale |")
+    print("|---|---|---|---|---|---|")
+    for name, ok, *counts in table:
+        print(f"| {name} | {'yes' if ok else 'NO'} | " + " | ".join(str(c) for c in counts) + " |")
+    failures = sum((not ok) or any(counts) for _, ok, *counts in table)
+    print(f"\n{len(table)} cases, {failures} not as expected")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
