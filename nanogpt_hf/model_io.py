@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 
 from .errors import UserError
 
-__all__ = ["GPT2_NAMES", "is_gpt2_name", "save_model_folder", "load_model", "load_model_and_tokenizer"]
+__all__ = ["GPT2_NAMES", "is_gpt2_name", "save_model_folder", "load_model", "load_model_and_tokenizer", "from_pretrained_strict"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -77,7 +77,21 @@ def _load_model(name_or_path, dropout, **overrides):
     kwargs = dict(overrides)
     if dropout is not None:
         kwargs["dropout"] = dropout
-    return NanoGPTForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return from_pretrained_strict(name_or_path, **kwargs)
+
+
+def from_pretrained_strict(folder, **kwargs):
+    """Our own folders load strictly: a weight that is missing, unexpected or of another shape than config.json
+    says (an edited config, a damaged file) is an error, never a silently random-initialised model."""
+    from .modeling_nanogpt import NanoGPTForCausalLM
+
+    model, info = NanoGPTForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if problems:
+        detail = "; ".join(f"{k.replace('_keys', '')}: {', '.join(map(str, sorted(v)[:3]))}" for k, v in problems.items())
+        raise UserError(f"{folder}: its weights do not match its config.json ({detail}); the folder was edited or is "
+                        f"damaged")
+    return model
 
 
 def _model_type(name_or_path):

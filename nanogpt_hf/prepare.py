@@ -154,7 +154,7 @@ def _write_memmap(path, dset, total_batches):
     """Concatenates all ids into one uint16 memmap, one contiguous shard at a time (bounded memory).
 
     Shards are read as Arrow tables and their list column flattened in one call: datasets' numpy formatting
-    goes row by row and took 85% of the whole recipe (measured: 33 of 38 s on a 30 MB corpus)."""
+    goes row by row, which made it most of the recipe's time (docs/performance.md)."""
     import pyarrow.compute as pc
 
     arr_len = int(pc.sum(dset.with_format("arrow")[:]["len"]).as_py() or 0)

@@ -30,12 +30,12 @@ from .checkpoint import (
     write_manifest,
 )
 from .config import load_config, resumed_config
-from .corpus import dataset_dir, read_meta
+from .corpus import check_prepared, data_fingerprint, dataset_dir
 from .data import MemmapBatches, StreamingBatches
 from .errors import UserError, cli_main
 from .hardware import peak_flops
 from .launch import StopSignals, finish, make_accelerator, together
-from .model_io import load_model_and_tokenizer
+from .model_io import from_pretrained_strict, load_model_and_tokenizer
 from .run_dir import RunDir
 from .tokenization import char_tokenizer, check_same_vocabulary, gpt2_hf_tokenizer, tokenizer_signature
 from .tracking import Journal, Progress, init_trackers
@@ -56,6 +56,7 @@ class TrainState:
     train_loss: float | None = None  # of the latest evaluation
     eval_iter: int | None = None  # iteration of the latest evaluation
     tracker_ids: dict = field(default_factory=dict)  # W&B run id: a resumed run continues the same W&B run
+    data: dict = field(default_factory=dict)  # the data's fingerprint (corpus.data_fingerprint): resume notices a change
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -85,7 +86,7 @@ def data_tokenizer(cfg):
     if cfg.data_source == "streaming":
         return gpt2_hf_tokenizer(cfg.block_size)
     data_dir = data_dir_of(cfg)
-    meta = read_meta(data_dir)
+    meta = check_prepared(data_dir)
     if meta.get("tokenizer") == "char":
         try:
             chars = [meta["itos"][str(i)] for i in range(meta["vocab_size"])]
@@ -187,7 +188,7 @@ def build_model(cfg, tokenizer, log, ckpt=None, ckpt_state=None):
     data_sig = tokenizer_signature(tokenizer)
     if ckpt is not None:
         check_same_vocabulary(ckpt_state["tokenizer"], data_sig, ckpt)
-        return NanoGPTForCausalLM.from_pretrained(os.path.join(ckpt, "model"), dropout=cfg.dropout)
+        return from_pretrained_strict(os.path.join(ckpt, "model"), dropout=cfg.dropout)
     if cfg.init_from == "scratch":
         log("Initializing a new model from scratch")
         config = NanoGPTConfig(vocab_size=_vocab_size_for(tokenizer), block_size=cfg.block_size, n_layer=cfg.n_layer,
@@ -218,6 +219,18 @@ def _check_shape(cfg, ckpt_shape, where):
         if key != "vocab_size" and key in ckpt_shape and getattr(cfg, key) != ckpt_shape[key]:
             raise UserError(f"{where} was trained with {key}={ckpt_shape[key]!r} but the command line says "
                             f"{getattr(cfg, key)!r}: resume with the run's own shape, or use another out_dir")
+
+
+def _check_same_data(cfg, ckpt, recorded, log):
+    if not recorded:  # a checkpoint from before fingerprints
+        return
+    now = data_fingerprint(data_dir_of(cfg))
+    if now != recorded:
+        what = ", ".join(k for k in now if now[k] != recorded.get(k))
+        if not cfg.allow_data_change:
+            raise UserError(f"the data in {data_dir_of(cfg)} changed since {ckpt} was written ({what}): resume on the "
+                            f"data the run started with, or pass --allow_data_change=true")
+        log(f"warning: the data changed since {ckpt} ({what}); continuing (allow_data_change=true)")
 
 
 def configure_optimizer(model, cfg):
@@ -317,7 +330,14 @@ def restore_training_state(ckpt, accelerator, optimizer, train_source, log):
     optimizer.load_state_dict(load_tree(os.path.join(ckpt, "optimizer")))
     rank_file = os.path.join(ckpt, f"rank{accelerator.process_index}")
     if not os.path.exists(rank_file + ".json"):
-        log(f"warning: {ckpt} was saved with fewer processes: rank {accelerator.process_index} starts fresh RNG/data")
+        if not isinstance(train_source, MemmapBatches):
+            log(f"warning: {ckpt} was saved with fewer processes: rank {accelerator.process_index} starts a fresh "
+                f"stream position")
+            return
+        # the memmap sampler's generator is the same on every rank (each draws all ranks' windows): rank 0's position
+        # is every rank's; only this rank's dropout RNG starts afresh
+        saved = load_tree(os.path.join(ckpt, "rank0"))
+        train_source.load_state_dict(saved["data"])
         return
     saved = load_tree(rank_file)
     set_rng_state(saved["rng"])
@@ -353,6 +373,8 @@ def _setup(cfg, sources, run, log):
     """Everything that can refuse the run, before anything in out_dir is written (run on every rank)."""
     cfg, ckpt, ckpt_state = resolve_run(cfg, sources, run, log)
     tokenizer = data_tokenizer(cfg)
+    if ckpt is not None and cfg.data_source == "memmap":
+        _check_same_data(cfg, ckpt, ckpt_state.get("data") or {}, log)
     torch.manual_seed(cfg.seed)  # the same initial weights whatever the number of processes
     model = build_model(cfg, tokenizer, log, ckpt, ckpt_state)
     if ckpt is None and cfg.init_from != "scratch":
@@ -401,11 +423,11 @@ def train(cfg, sources=None):
     model = maybe_compile(model, cfg, log)
     model, optimizer = accelerator.prepare(model, optimizer)
     train_source = together(accelerator, lambda: make_train_source(cfg, accelerator, log))
-    state = TrainState()
+    state = TrainState(data=data_fingerprint(data_dir_of(cfg)) if cfg.data_source == "memmap" else {})
     if ckpt:
         restore_training_state(ckpt, accelerator, optimizer, train_source, log)
         known = {f.name for f in dataclasses.fields(TrainState)}
-        state = TrainState(**{k: v for k, v in ckpt_state.items() if k in known})
+        state = TrainState(**{**{k: v for k, v in ckpt_state.items() if k in known}, "data": state.data})
     resume_iter = state.iter_num if ckpt else None
     state.tracker_ids = together(accelerator, lambda: init_trackers(accelerator, cfg, state.tracker_ids))
     if main and not cfg.eval_only:  # the run is known to start: now out_dir is written

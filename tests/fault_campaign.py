@@ -52,7 +52,7 @@ def tree_digest(folder):
             for r, _, fs in os.walk(folder) for f in fs}
 
 
-def check(out, reference):
+def check(out, reference, steps=24):
     """(corrupt checkpoints, journal records lost or doubled, resume not bit-identical, model folder stale)."""
     sys.path.insert(0, ROOT)
     from nanogpt_hf.checkpoint import checkpoint_dirs, verify_checkpoint
@@ -65,11 +65,12 @@ def check(out, reference):
             verify_checkpoint(ckpt)
         except UserError:
             corrupt += 1
+    n_steps = steps
     records, ref = journal(out), journal(reference)
     steps = [r["iter"] for r in records if "train/loss" in r]
     evals = [r["iter"] for r in records if "val/loss" in r]
     ref_evals = [r["iter"] for r in ref if "val/loss" in r]
-    lost_or_doubled = abs(len(steps) - 24) + sum(steps.count(i) != 1 for i in range(24)) + \
+    lost_or_doubled = abs(len(steps) - n_steps) + sum(steps.count(i) != 1 for i in range(n_steps)) + \
         (evals != ref_evals)
     losses = {r["iter"]: r["train/loss"] for r in records if "train/loss" in r}
     ref_losses = {r["iter"]: r["train/loss"] for r in ref if "train/loss" in r}
@@ -83,31 +84,42 @@ def sigkill_campaign(tmp, data, reference, table):
     for point in KILL_POINTS:
         out = os.path.join(tmp, "kill-" + point.replace("@", "-"))
         killed = run(out, data, env={"NANOGPT_KILL_AT": point})
-        resumed = run(out, data, "--init_from=auto", "--seed=4242")
+        # a resume is seeded differently (only the restored RNG streams can make it match); a restart from scratch
+        # (killed before the first checkpoint) is the same command again
+        has_ckpt = any(not n.startswith(".") for n in os.listdir(os.path.join(out, "checkpoints")))
+        resumed = run(out, data, "--init_from=auto", *(["--seed=4242"] if has_ckpt else []))
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         table.append((f"SIGKILL at {point}", killed.returncode == -9, *check(out, reference)))
 
 
-def signal_campaign(tmp, data, reference, table, rng):
+def signal_campaign(tmp, data, table, rng):
+    """SIGTERM and SIGINT at random iterations of a longer run, each resumed and compared with one reference."""
+    long_args = ["--max_iters=300", "--eval_interval=100"]
+    reference = os.path.join(tmp, "long-reference")
+    assert run(reference, data, *long_args).returncode == 0
     for sig in [signal.SIGTERM] * 3 + [signal.SIGINT] * 3:
         out = os.path.join(tmp, f"sig-{len(table)}")
-        cmd = [sys.executable, TRAIN, *ARGS, f"--data_dir={data}", f"--out_dir={out}"]
+        cmd = [sys.executable, TRAIN, *ARGS, *long_args, f"--data_dir={data}", f"--out_dir={out}"]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(3.5, 6.0))  # start-up is ~3 s: somewhere in the run
+        target = rng.randint(5, 280)
+        while proc.poll() is None:  # until the journal shows the target iteration
+            if os.path.exists(os.path.join(out, "log.jsonl")) and any(r.get("iter", -1) >= target for r in journal(out)):
+                break
+            time.sleep(0.01)
         proc.send_signal(sig)
         stdout, _ = proc.communicate(timeout=120)
-        resumed = run(out, data, "--init_from=auto")
+        resumed = run(out, data, *long_args, "--init_from=auto")
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         where = next((ln.split("at iteration ")[1].split(":")[0] for ln in stdout.splitlines()
                       if ln.startswith("stopped by")), "after the end")
         table.append((f"{signal.Signals(sig).name} at iteration {where}", proc.returncode == 128 + sig,
-                      *check(out, reference)))
+                      *check(out, reference, steps=300)))
 
 
 def disk_full_campaign(tmp, data, reference, table):
     mount = os.path.join(tmp, "small")
     os.makedirs(mount)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", mount], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=800k", "tmpfs", mount], check=True)
     try:
         out = os.path.join(mount, "out")
         full = run(out, data)
@@ -143,7 +155,7 @@ BAD_INPUTS = [
     (["--compile=2"], "compile must be bool"), (["--max_bad_steps=0"], "max_bad_steps"),
     (["--learning_rate=-1e-3"], "learning_rate"), (["stray", "arguments"], "unexpected argument"),
     # the data and the run
-    (["--dataset=no_such_dataset", "--data_dir="], "does not exist"), (["--init_from=resume", "--out_dir=@EMPTY"], "no complete checkpoint"),
+    (["--dataset=no_such_dataset", "--data_dir=", "--out_dir=@EMPTY"], "does not exist"), (["--init_from=resume", "--out_dir=@EMPTY"], "no complete checkpoint"),
     (["--init_from=scratch"], "already holds checkpoints"), (["--init_from=resume", "--n_layer=3"], "was trained with n_layer=2"),
     (["--init_from=resume", "--n_embd=64"], "was trained with n_embd=32"), (["--init_from=resume", "--bias=true"], "was trained with bias"),
     (["--init_from=resume", "--activation_function=gelu_new"], "activation_function"),
@@ -153,7 +165,9 @@ BAD_INPUTS = [
     (["--init_from=resume", "--resume_from=/no/such/run"], "no complete checkpoint"),
     (["--init_from=resume", "--data_dir=@BPE"], "prepared with GPT-2 BPE"),
     (["--data_dir=@NOMETA", "--out_dir=@EMPTY"], "meta.json is missing"),
-    (["--data_dir=@EMPTYBIN", "--out_dir=@EMPTY"], "train.bin is empty"),
+    (["--data_dir=@EMPTYBIN", "--out_dir=@EMPTY"], "holds 0 tokens but meta.json says"),
+    (["--data_dir=@ODDBIN", "--out_dir=@EMPTY"], "odd number of bytes"),
+    (["--data_dir=@BIGIDS", "--out_dir=@EMPTY"], "outside meta.json's vocabulary"),
     (["--data_dir=@BADMETA", "--out_dir=@EMPTY"], "meta.json is unreadable"),
     (["--init_from=resume", "--resume_from=@DAMAGED"], "does not match its manifest"),
 ]
@@ -166,10 +180,15 @@ def bad_input_campaign(tmp, data, reference, table):
 
     folders = {"@EMPTY": os.path.join(tmp, "empty-out"), "@BPE": os.path.join(tmp, "bpe"),
                "@NOMETA": os.path.join(tmp, "nometa"), "@EMPTYBIN": os.path.join(tmp, "emptybin"),
-               "@BADMETA": os.path.join(tmp, "badmeta"), "@DAMAGED": os.path.join(tmp, "damaged")}
+               "@BADMETA": os.path.join(tmp, "badmeta"), "@DAMAGED": os.path.join(tmp, "damaged"),
+               "@ODDBIN": os.path.join(tmp, "oddbin"), "@BIGIDS": os.path.join(tmp, "bigids")}
     prepare_shakespeare(folders["@BPE"])
-    for name in ("@NOMETA", "@EMPTYBIN", "@BADMETA"):
+    for name in ("@NOMETA", "@EMPTYBIN", "@BADMETA", "@ODDBIN", "@BIGIDS"):
         shutil.copytree(data, folders[name])
+    with open(os.path.join(folders["@ODDBIN"], "val.bin"), "ab") as f:
+        f.write(b"x")
+    with open(os.path.join(folders["@BIGIDS"], "train.bin"), "r+b") as f:  # random bytes where token ids belong
+        f.write(os.urandom(4096))
     os.remove(os.path.join(folders["@NOMETA"], "meta.json"))
     open(os.path.join(folders["@EMPTYBIN"], "train.bin"), "wb").close()
     open(os.path.join(folders["@BADMETA"], "meta.json"), "w").write("{not json")
@@ -205,7 +224,7 @@ def main():
         reference = os.path.join(tmp, "reference")
         assert run(reference, data).returncode == 0
         sigkill_campaign(tmp, data, reference, table)
-        signal_campaign(tmp, data, reference, table, random.Random(args.seed))
+        signal_campaign(tmp, data, table, random.Random(args.seed))
         if args.disk_full:
             disk_full_campaign(tmp, data, reference, table)
         bad_input_campaign(tmp, data, reference, table)

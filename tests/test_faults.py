@@ -190,3 +190,42 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_resume_on_changed_or_damaged_data_is_refused(tmp_path, char_data, capsys):
+    import shutil
+
+    from conftest import assert_cli_error
+
+    from nanogpt_hf.train import main as train_main
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(char_data, data)
+    run_train(out, str(data), "--max_iters=4", "--eval_interval=2")
+    meta = json.load(open(data / "meta.json"))
+    json.dump({**meta, "source": "somewhere else"}, open(data / "meta.json", "w"))
+    args = train_args(out, str(data), "--max_iters=6", "--eval_interval=2", "--init_from=resume")
+    assert_cli_error(train_main, args, "changed since", capsys)
+    resumed = run_train(out, str(data), "--max_iters=6", "--eval_interval=2", "--init_from=resume",
+                        "--allow_data_change=true")
+    assert "warning: the data changed since" in resumed.stdout
+    with open(data / "train.bin", "r+b") as f:  # truncated: no longer what meta.json describes
+        f.truncate(os.path.getsize(data / "train.bin") - 1000)
+    assert_cli_error(train_main, train_args(tmp_path / "o2", str(data)), "but meta.json says", capsys)
+
+
+def test_a_model_folder_whose_config_no_longer_matches_its_weights_is_refused(tmp_path, char_data, capsys):
+    from conftest import assert_cli_error
+
+    from nanogpt_hf.evaluate import main as eval_main
+    from nanogpt_hf.export import main as export_main
+    from nanogpt_hf.sample import main as sample_main
+
+    out = tmp_path / "out"
+    run_train(out, char_data, "--max_iters=2", "--eval_interval=2")
+    config = json.load(open(out / "config.json"))
+    json.dump({**config, "n_layer": 3}, open(out / "config.json", "w"))
+    message = "its weights do not match its config.json (missing: transformer.h.2"
+    assert_cli_error(sample_main, ["--out_dir", str(out), "--max_new_tokens", "3"], message, capsys)
+    assert_cli_error(eval_main, ["--init_from", str(out), "--data_dir", char_data, "--max_tokens", "100"], message, capsys)
+    assert_cli_error(export_main, [str(out), str(tmp_path / "x")], message, capsys)

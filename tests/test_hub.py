@@ -172,3 +172,16 @@ def test_export_writes_a_plain_gpt2_folder(run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main([str(run), str(dest)])  # never overwrites
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_a_failed_push_leaves_the_run_intact_and_is_retried_at_the_next_save(tmp_path, char_data):
+    out = tmp_path / "out"
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    proc = run_cli(["python", TRAIN, *train_args(out, char_data, "--max_iters=6", "--eval_interval=3",
+                                                   "--push_to_hub=true", "--hub_model_id=me/baby-gpt",
+                                                   "--hub_strategy=every_save")], env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    failures = [ln for ln in proc.stdout.splitlines() if ln.startswith("warning: push to me/baby-gpt failed")]
+    assert len(failures) == 2 and all("retried at the next save" in ln for ln in failures)  # after each save
+    assert "Traceback" not in proc.stderr and (out / "model.safetensors").exists()
+    assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-0000003", "ckpt-0000006"]

@@ -84,3 +84,12 @@ def test_wandb_offline_and_tensorboard_log_what_the_jsonl_log_has(tmp_path, char
     assert len(run_ids) == 2 and run_ids[0] == run_ids[1]
     state = json.load(open(sorted(glob.glob(str(out / "checkpoints" / "ckpt-*" / "trainer_state.json")))[-1]))
     assert state["tracker_ids"]["wandb"] == run_ids[0]
+
+
+def test_wandb_without_an_api_key_is_one_line_before_any_training(tmp_path, char_data):
+    out = tmp_path / "out"
+    proc = run_cli(["python", TRAIN, *train_args(out, char_data, "--max_iters=3", "--wandb_log=true")],
+                   env={"WANDB_MODE": "online", "WANDB_API_KEY": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: W&B could not start (UsageError")
+    assert not (out / "log.jsonl").exists() and not os.listdir(out / "checkpoints")  # nothing trained or saved
