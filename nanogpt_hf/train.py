@@ -373,10 +373,10 @@ def _setup(cfg, sources, run, log):
     """Everything that can refuse the run, before anything in out_dir is written (run on every rank)."""
     cfg, ckpt, ckpt_state = resolve_run(cfg, sources, run, log)
     tokenizer = data_tokenizer(cfg)
+    torch.manual_seed(cfg.seed)  # the same initial weights whatever the number of processes
+    model = build_model(cfg, tokenizer, log, ckpt, ckpt_state)  # refuses another tokenizer's data first
     if ckpt is not None and cfg.data_source == "memmap":
         _check_same_data(cfg, ckpt, ckpt_state.get("data") or {}, log)
-    torch.manual_seed(cfg.seed)  # the same initial weights whatever the number of processes
-    model = build_model(cfg, tokenizer, log, ckpt, ckpt_state)
     if ckpt is None and cfg.init_from != "scratch":
         cfg = adopt_model_shape(cfg, model)
     if cfg.gradient_checkpointing:
@@ -397,8 +397,7 @@ def train(cfg, sources=None):
 
     # everything that can refuse the run, read-only, on every rank; then out_dir is taken: its lock, a clean and
     # writable folder (the main process alone touches out_dir)
-    cfg, ckpt, ckpt_state, tokenizer, model = together(accelerator, lambda: _setup(cfg, sources, run, log),
-                                                       main_first=True)
+    cfg, ckpt, ckpt_state, tokenizer, model = together(accelerator, lambda: _setup(cfg, sources, run, log))
 
     def own_out_dir():
         if main:
@@ -422,7 +421,8 @@ def train(cfg, sources=None):
     optimizer, fused = configure_optimizer(model, cfg)
     model = maybe_compile(model, cfg, log)
     model, optimizer = accelerator.prepare(model, optimizer)
-    train_source = together(accelerator, lambda: make_train_source(cfg, accelerator, log))
+    # the main process first: a streamed dataset is downloaded and cached once for all ranks
+    train_source = together(accelerator, lambda: make_train_source(cfg, accelerator, log), main_first=True)
     state = TrainState(data=data_fingerprint(data_dir_of(cfg)) if cfg.data_source == "memmap" else {})
     if ckpt:
         restore_training_state(ckpt, accelerator, optimizer, train_source, log)

@@ -1,4 +1,4 @@
-"""The run-folder fault campaign behind docs/robustness.md (too long for the suite: about 5 minutes on 2 cores).
+"""The run-folder fault campaign behind docs/robustness.md (too long for the suite: about 25 minutes on 2 cores).
 
     python tests/fault_campaign.py [--disk_full]      # --disk_full mounts a small tmpfs: needs root
 

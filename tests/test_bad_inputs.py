@@ -61,7 +61,7 @@ def test_trainer_bad_input_table(tmp_path, char_data, bpe_data, gpt2_folder, fin
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
     cases = [
         (["--dataset=no_such_dataset"], "does not exist: run its prepare.py"),
-        (train_args(tmp_path / "o1", empty_bins), "train.bin is empty"),
+        (train_args(tmp_path / "o1", empty_bins), "holds 0 tokens but meta.json says"),
         (train_args(tmp_path / "o2", bpe_data, f"--init_from={gpt2_folder}", "--block_size=64"),
          "block_size=64 is larger than"),
         (train_args(tmp_path / "o3", char_data, f"--init_from={gpt2_folder}"),

@@ -229,3 +229,20 @@ def test_a_model_folder_whose_config_no_longer_matches_its_weights_is_refused(tm
     assert_cli_error(sample_main, ["--out_dir", str(out), "--max_new_tokens", "3"], message, capsys)
     assert_cli_error(eval_main, ["--init_from", str(out), "--data_dir", char_data, "--max_tokens", "100"], message, capsys)
     assert_cli_error(export_main, [str(out), str(tmp_path / "x")], message, capsys)
+
+
+def test_a_damaged_newest_checkpoint_names_the_older_complete_one(tmp_path, char_data, capsys):
+    from conftest import assert_cli_error
+
+    from nanogpt_hf.train import main as train_main
+
+    out = tmp_path / "out"
+    run_train(out, char_data, "--max_iters=4", "--eval_interval=2", "--always_save_checkpoint=true", "--keep_last=2")
+    with open(out / "checkpoints" / "ckpt-0000004" / "optimizer.safetensors", "r+b") as f:
+        f.truncate(50)
+    older = out / "checkpoints" / "ckpt-0000002"
+    assert_cli_error(train_main, train_args(out, char_data, "--init_from=resume"),
+                     f"the older complete one is {older}: --resume_from={older}", capsys)
+    resumed = run_train(out, char_data, "--init_from=resume", f"--resume_from={older}", "--max_iters=4",
+                        "--eval_interval=2")
+    assert f"Resuming training from {older}" in resumed.stdout

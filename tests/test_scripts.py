@@ -133,15 +133,19 @@ def test_multiple_choice_in_hellaswag_format(char_run, tmp_path):
 
     folder = tmp_path / "model"
     shutil.copytree(char_run, folder)
-    model = NanoGPTForCausalLM.from_pretrained(folder)
+    trained = NanoGPTForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
+    trained.config.bias = True  # the same weights with (zero) biases, so ln_f can carry a constant direction
+    model = NanoGPTForCausalLM(trained.config)
     with torch.no_grad():  # make 'e' overwhelmingly likely after anything: the answer is known
+        model.load_state_dict(trained.state_dict(), strict=False)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
         direction = torch.randn(32)
         model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
         model.transformer.wte.weight[tok.convert_tokens_to_ids("e")] = 30 * direction
-        if model.transformer.ln_f.bias is None:
-            model.transformer.ln_f.bias = torch.nn.Parameter(direction)
-            model.config.bias = True
     model.save_pretrained(folder)
     data = tmp_path / "hs.jsonl"
     rows = [{"ctx": "The cat", "endings": ["sat on", "eeeeee", "ran to", "is big"], "label": 1},
