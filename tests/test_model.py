@@ -225,6 +225,9 @@ def test_errors_for_too_long_and_out_of_vocab_inputs(tiny):
         tiny(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 96\)"):
         tiny(torch.tensor([[1, 2, 96]]))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 96\)"):  # the same in training mode
+        tiny.train()(torch.tensor([[1, 2, 96]]))
+    tiny.eval()
     with pytest.raises(ValueError, match="temperature"):
         tiny.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0.0)
 

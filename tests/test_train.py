@@ -196,3 +196,21 @@ def test_progress_in_a_terminal_is_a_bar_that_messages_never_share(tmp_path, cha
             if message in line:
                 before = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line.rsplit("\r", 1)[-1].split(message)[0])
                 assert before.strip() == "", (message, line)  # nothing of the bar on the message's line
+
+
+def test_gradient_checkpointing_trains_with_the_same_losses(tmp_path, char_data):
+    args = ["--max_iters=6", "--eval_interval=3", "--dropout=0.0"]
+    run_train(tmp_path / "plain", char_data, *args)
+    run_train(tmp_path / "ckpt", char_data, *args, "--gradient_checkpointing=true")
+    plain, ckpt = train_losses(tmp_path / "plain"), train_losses(tmp_path / "ckpt")
+    assert plain.keys() == ckpt.keys() and all(abs(plain[k] - ckpt[k]) < 1e-6 for k in plain)
+
+
+def test_a_mistake_every_rank_meets_is_one_line_from_the_trainer(tmp_path, char_data):
+    proc = run_train(tmp_path / "out", char_data, "--dataset=nosuch", "--data_dir=", check=False,
+                     launcher=["accelerate", "launch", "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp.yaml")])
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert [ln for ln in output.splitlines() if ln.startswith("error: ")] == [
+        "error: dataset folder data/nosuch does not exist: run its prepare.py first (python data/nosuch/prepare.py)"]
+    assert "nanogpt_hf/" not in output  # no traceback from the workers (the launcher reports their exit codes)
