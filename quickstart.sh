@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: prepare Tiny Shakespeare (shipped), train the baby GPT on whatever device is here, sample from it.
 # On a GPU: nanoGPT's baby GPT (6 layers, 384 wide, block 256). On a CPU: nanoGPT's documented CPU config
-# (4 layers, 128 wide, block 64, 2000 iterations, learning rate 3e-3: about 75 s on 2 cores). Extra arguments go to the trainer,
+# (4 layers, 128 wide, block 64, 2000 iterations, learning rate 3e-3: 75-100 s of training on 2 cores). Extra arguments go to the trainer,
 # e.g. bash quickstart.sh --max_iters=500
 set -euo pipefail
 cd "$(dirname "$0")"
