@@ -391,6 +391,15 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             inputs.pop("attention_mask", None)
         return inputs
 
+    def _get_stopping_criteria(self, *args, **kwargs):
+        # transformers warns once a sequence outgrows max_position_embeddings; here that is expected, not a risk:
+        # the context is cropped (prepare_inputs_for_generation above), so the length criterion need not know it
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        for criterion in criteria:
+            if getattr(criterion, "max_position_embeddings", None) is not None:
+                criterion.max_position_embeddings = None
+        return criteria
+
     # ------------------------------------------------------------------------------------ nanoGPT seed API
     def get_num_params(self, non_embedding=True):
         """Number of parameters; by default without the position embeddings (nanoGPT's convention: the token

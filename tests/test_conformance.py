@@ -58,6 +58,17 @@ def test_1_hf_generate_runs_past_block_size_like_nanogpts_cropped_loop(cache):
     assert out.shape == (2, 40) and torch.equal(out, _greedy_cropped(model, x, 30))
 
 
+@pytest.mark.slow
+def test_1_running_past_block_size_is_not_warned_about():
+    proc = run_python("""
+        import torch, nanogpt_hf
+        from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
+        model = NanoGPTForCausalLM(NanoGPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8)).eval()
+        print(model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=20, do_sample=False).shape[1])
+        """)
+    assert proc.stdout.split()[-1] == "23" and "exceeded the model's predefined maximum length" not in proc.stderr
+
+
 def test_1_readme_pipeline_on_a_model_with_a_short_context(char_folder):
     pipe = pipeline("text-generation", model=str(char_folder))
     text = pipe("ROMEO:", max_new_tokens=40, do_sample=False)[0]["generated_text"]
