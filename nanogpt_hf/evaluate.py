@@ -85,9 +85,7 @@ def _load_tokens(args, tokenizer):
     if args.dataset or args.data_dir:
         data_dir = args.data_dir or dataset_dir(args.dataset)
         meta = read_meta(data_dir)
-        path = os.path.join(data_dir, f"{args.split}.bin")
-        if not os.path.exists(path):
-            raise UserError(f"{path} does not exist: --split is train or val")
+        path = os.path.join(data_dir, f"{args.split}.bin")  # its existence was checked before the model loaded
         check_same_vocabulary(tokenizer_signature(tokenizer), meta_signature(meta), "the model")
         return np.memmap(path, dtype=np.uint16, mode="r"), f"{data_dir}/{args.split}.bin"
     if args.text_file:

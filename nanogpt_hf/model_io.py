@@ -14,13 +14,18 @@ from safetensors import SafetensorError
 
 from .errors import UserError
 
-__all__ = ["GPT2_NAMES", "is_gpt2_name", "save_model_folder", "load_model", "load_model_and_tokenizer", "from_pretrained_strict"]
+__all__ = ["GPT2_NAMES", "is_gpt2_name", "looks_like_hub_id", "save_model_folder", "load_model", "load_model_and_tokenizer", "from_pretrained_strict"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def is_gpt2_name(name):
     return name.removeprefix("openai-community/") in GPT2_NAMES
+
+
+def looks_like_hub_id(name):
+    """owner/name, not a path: anything else that is not on disk is a missing folder, not a Hub repository."""
+    return name.count("/") == 1 and not name.startswith(("/", ".", "~"))
 
 
 def save_model_folder(model, tokenizer, folder, extra_files=None):
@@ -97,7 +102,7 @@ def from_pretrained_strict(folder, **kwargs):
 def _model_type(name_or_path):
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, "config.json")
-    elif name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") != 1:  # not owner/name: a path
+    elif not looks_like_hub_id(name_or_path):
         raise UserError(f"{name_or_path}: no such model folder (a Hub model id looks like owner/name)")
     else:
         from huggingface_hub import hf_hub_download

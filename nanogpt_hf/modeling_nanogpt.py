@@ -448,7 +448,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         """
         if _is_nanogpt_generate_call(args, kwargs):
             return self._generate_nanogpt(*args, **kwargs)
-        if len(args) >= 2 and isinstance(args[1], int) and not isinstance(args[1], bool):
+        if _positional_max_new_tokens(args):
             if "max_new_tokens" in kwargs:
                 raise TypeError("generate() got max_new_tokens twice (positionally and as a keyword)")
             args, kwargs = (args[0], *args[2:]), {**kwargs, "max_new_tokens": args[1]}
@@ -506,8 +506,12 @@ def _is_nanogpt_generate_call(args, kwargs):
     nanogpt_keys = {"idx", "max_new_tokens", "temperature", "top_k"}
     if not set(kwargs) <= nanogpt_keys or len(args) > 4:
         return False
-    positional_max = len(args) >= 2 and isinstance(args[1], int) and not isinstance(args[1], bool)
-    return positional_max or "max_new_tokens" in kwargs
+    return _positional_max_new_tokens(args) or "max_new_tokens" in kwargs
+
+
+def _positional_max_new_tokens(args):
+    """generate(ids, 50, ...): an int after the inputs is max_new_tokens in both forms."""
+    return len(args) >= 2 and isinstance(args[1], int) and not isinstance(args[1], bool)
 
 
 def _static_length(cache):

@@ -20,7 +20,7 @@ import urllib.request
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpus import dataset_dir, load_documents, read_text, tokenize_batch
+from .corpus import load_documents, read_text, tokenize_batch
 from .errors import UserError, cli_main
 from .fileio import atomic_path
 from .tokenization import ASSETS, GPT2_EOT, char_tokenizer, gpt2_encoding

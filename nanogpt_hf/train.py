@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,9 +36,9 @@ from .data import MemmapBatches, StreamingBatches
 from .errors import UserError, cli_main
 from .hardware import peak_flops
 from .launch import StopSignals, finish, make_accelerator, together
-from .model_io import from_pretrained_strict, load_model_and_tokenizer
+from .model_io import from_pretrained_strict, load_model_and_tokenizer, looks_like_hub_id
 from .run_dir import RunDir
-from .tokenization import char_tokenizer, check_same_vocabulary, gpt2_hf_tokenizer, tokenizer_signature
+from .tokenization import char_tokenizer, check_same_vocabulary, gpt2_hf_tokenizer, meta_signature, tokenizer_signature
 from .tracking import Journal, Progress, init_trackers
 
 __all__ = ["main", "train", "get_lr", "TrainState"]
@@ -89,10 +90,10 @@ def data_tokenizer(cfg):
     meta = check_prepared(data_dir)
     if meta.get("tokenizer") == "char":
         try:
-            chars = [meta["itos"][str(i)] for i in range(meta["vocab_size"])]
+            chars = meta_signature(meta)["vocab"]
         except (KeyError, TypeError) as e:
             raise UserError(f"{data_dir}/meta.json: its char vocabulary is incomplete ({e}); run prepare.py again") from e
-        return char_tokenizer(chars, model_max_length=cfg.block_size)
+        return char_tokenizer(list(chars), model_max_length=cfg.block_size)
     if meta.get("tokenizer") == "gpt2":
         return gpt2_hf_tokenizer(cfg.block_size)
     raise UserError(f"{data_dir}/meta.json: unknown tokenizer {meta.get('tokenizer')!r}; run prepare.py again")
@@ -146,11 +147,11 @@ def estimate_loss(model, cfg, accelerator, iter_num):
 
 
 # ------------------------------------------------------------------------------------------- model
-def find_resume_checkpoint(cfg, run, warn):
+def find_resume_checkpoint(cfg):
     """The newest complete checkpoint of resume_from (a checkpoint, an out_dir, a hub id) or of out_dir. A damaged
     newest one is refused naming the older complete one to use instead."""
     source = cfg.resume_from or cfg.out_dir
-    if source and not os.path.exists(source) and source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    if source and not os.path.exists(source) and looks_like_hub_id(source):
         from .hub import download_training_state
 
         source = download_training_state(source)
@@ -359,7 +360,7 @@ def resolve_run(cfg, sources, run, log):
                             f"({os.path.basename(run.latest_checkpoint())}): continue it with init_from=resume "
                             f"(or auto), or choose another out_dir")
         return cfg, None, None
-    ckpt = find_resume_checkpoint(cfg, run, log)
+    ckpt = find_resume_checkpoint(cfg)
     state = read_trainer_state(ckpt)
     cfg, sources, changed = resumed_config(state["config"], cfg, sources)
     _check_shape(cfg, state["model_shape"], ckpt)
@@ -531,9 +532,8 @@ def train(cfg, sources=None):
                 progress.report(state.iter_num - 1, lossf, lr, dt, max(running_mfu, 0.0))
             if stop:  # preemption: the step is done; checkpoint it and leave (resume continues bit for bit)
                 checkpoint(final=False)
-                name = {15: "SIGTERM", 2: "SIGINT"}.get(stop, f"signal {stop}")
                 progress.close()
-                log(f"stopped by {name} at iteration {state.iter_num}: checkpoint written; continue with "
+                log(f"stopped by {signal.Signals(stop).name} at iteration {state.iter_num}: checkpoint written; continue with "
                     f"init_from=resume (or the same command with init_from=auto)")
                 raise SystemExit(128 + stop)
         progress.close()

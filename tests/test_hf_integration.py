@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from conftest import run_python, tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoModelForCausalLM, pipeline
 
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.model_io import save_model_folder

@@ -7,10 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN, assert_cli_error, read_log, run_cli, run_train, train_args, train_losses
+from conftest import ROOT, TRAIN, read_log, run_cli, run_train, train_args, train_losses
 from safetensors.torch import load_file
-
-from nanogpt_hf.train import main as train_main
 
 pytestmark = pytest.mark.slow  # every test here starts processes (trainers, launchers, CLIs)
 
