@@ -6,6 +6,7 @@
     nanogpt-bench --what prepare --corpus_mb 200   # tokenization throughput and peak memory of prepare
     nanogpt-bench --what startup                   # accelerate launch -> first training step (quickstart)
     nanogpt-bench --what quickstart                # the whole CPU quickstart run: ms/iter and val loss
+    nanogpt-bench --what memory                    # memory per GPU to finetune gpt2..gpt2-xl (memory.py)
 
 Every figure is the median of --repeats timed runs after --warmup untimed ones; ours and the references are
 interleaved run by run, so a machine whose speed drifts affects all alike. References: transformers'
@@ -36,7 +37,7 @@ from .hardware import keep_freed_memory_mapped, measured_matmul_flops, peak_flop
 __all__ = ["SHAPES", "main", "bench_train", "bench_generate"]
 
 # named shapes: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
-WHATS = ("train", "generate", "prepare", "startup", "quickstart")
+WHATS = ("train", "generate", "prepare", "startup", "quickstart", "memory")
 
 SHAPES = {
     "quickstart": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),  # nanoGPT CPU
@@ -399,6 +400,12 @@ def main(argv=None):
         report(bench_startup())
     if "quickstart" in whats:
         report(bench_quickstart(args.seed, args.quickstart_iters))
+    if "memory" in whats:
+        from .memory import format_memory_table, memory_table
+
+        rows = memory_table()
+        results.append({"what": "memory", "rows": rows})
+        print(format_memory_table(rows))
     if args.profile:
         _profile(shapes[0], device, args.profile)
     if args.json:

@@ -2,7 +2,8 @@
 
 Layout of out_dir/checkpoints/ckpt-0000500/:
   model/                       the HF model folder (config.json, model.safetensors, code) of the weights
-  optimizer.safetensors/.json  AdamW state: tensors in safetensors, the rest (param groups) in JSON
+  optimizer.safetensors/.json  optimizer state by parameter name, every tensor whole (FSDP shards gathered), so it
+                               loads on any number of processes and any sharding; param groups in JSON
   rank{r}.safetensors/.json    per-rank RNG streams (torch, CUDA, numpy, python) and data position
   trainer_state.json           iteration, best val loss, tokens seen, config, tracker run ids
   MANIFEST.json                every file above with its size and sha256; written last
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 
-__all__ = ["save_tree", "load_tree", "rng_state", "set_rng_state", "write_manifest", "verify_checkpoint",
+__all__ = ["save_tree", "load_tree", "optimizer_state", "load_optimizer_state", "rng_state", "set_rng_state", "write_manifest", "verify_checkpoint",
            "checkpoint_dirs", "latest_checkpoint", "prune_checkpoints", "fault_point", "sha256_of", "CKPT_PREFIX",
            "MANIFEST"]
 
@@ -111,6 +112,70 @@ def load_tree(path_stem):
     except (OSError, SafetensorError, json.JSONDecodeError) as e:
         raise UserError(f"{path_stem}: unreadable checkpoint file ({e}); resume from another checkpoint") from e
     return _join(skeleton, tensors)
+
+
+# ------------------------------------------------------------------------------------ optimizer state
+# One format for one process, DDP and FSDP2: the state of each parameter under its name (the model's first name for
+# it: lm_head.weight is tied to transformer.wte.weight and stored once), each tensor whole. torch.distributed.
+# checkpoint's get/set_state_dict was tried first: with the tied head, set_state_dict put AdamW's moments on the
+# wrong parameters (weights from h.1 on differed by ~4e-4 after one step), so the mapping is done here.
+def _whole(t):
+    """A DTensor shard (FSDP2) gathered from every rank (a collective), moved to the CPU; other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+
+
+def _like(whole, param):
+    """The saved whole tensor as this process holds it: this rank's shard of a DTensor parameter (no communication:
+    every rank has the whole tensor), else the tensor itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor) and tuple(whole.shape) == tuple(param.shape):
+        return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return whole
+
+
+def _param_names(model):
+    return {p: name for name, p in model.named_parameters()}
+
+
+def optimizer_state(model, optimizer, keep=True):
+    """{"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}, tensors whole and on the CPU.
+    Under FSDP every rank must call this (the shards are gathered); ranks with keep=False get None."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    names = _param_names(model)
+    state, groups = {}, []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            values = {k: _whole(v) if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+            if values:
+                state[names[p]] = values
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [names[p] for p in group["params"]]})
+    return {"state": state, "param_groups": groups} if keep else None
+
+
+def load_optimizer_state(model, optimizer, saved, where):
+    """Puts a state from optimizer_state() into the optimizer, each tensor sharded like its parameter. A state
+    saved by the first release (torch's own state_dict, keyed by position) loads as it is."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if saved["param_groups"] and all(isinstance(i, int) for g in saved["param_groups"] for i in g["params"]):
+        optimizer.load_state_dict(saved)
+        return
+    params = dict(model.named_parameters())
+    names = _param_names(model)
+    current = [[names[p] for p in g["params"]] for g in optimizer.param_groups]
+    stored = [g["params"] for g in saved["param_groups"]]
+    if current != stored:
+        raise UserError(f"{where}: its optimizer state is for other parameters or another optimizer "
+                        f"({sum(map(len, stored))} in {len(stored)} groups, this run has {sum(map(len, current))} in "
+                        f"{len(current)}): resume with the run's own model and optimizer settings")
+    order = [name for group in stored for name in group]
+    state = {i: {k: _like(v, params[name]) if torch.is_tensor(v) else v for k, v in saved["state"][name].items()}
+             for i, name in enumerate(order) if name in saved["state"]}
+    position = iter(range(len(order)))
+    groups = [{**group, "params": [next(position) for _ in group["params"]]} for group in saved["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ------------------------------------------------------------------------------------ RNG streams

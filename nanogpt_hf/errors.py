@@ -3,6 +3,7 @@
 import functools
 import os
 import sys
+import time
 
 __all__ = ["UserError", "cli_main"]
 
@@ -41,6 +42,8 @@ def _say(message):
     """One line on stderr, from one process of a multi-process run (every rank leaves with the same error), and
     through tqdm so it never lands on a progress bar's line."""
     if int(os.environ.get("RANK", "0")) != 0:
+        # the launcher stops every worker when the first one exits: rank 0 must get to print the line first
+        time.sleep(3)
         return
     from tqdm import tqdm
 

@@ -75,6 +75,9 @@ def make_accelerator(cfg, trackers):
         warnings.append(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not a multiple of the {world} "
                         f"processes: using {gas} ({gas * cfg.batch_size * cfg.block_size:,} tokens per iteration)")
         cfg = dataclasses.replace(cfg, gradient_accumulation_steps=gas)
+    if not on_gpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        warnings.append("this launch file asks for FSDP, which Accelerate runs on GPUs only: the CPU processes train "
+                        "with DDP (every process holds the whole model)")
     precision = _precision(cfg.dtype, on_gpu, warnings.append)
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision, gradient_accumulation_steps=gas // world,
                               log_with=trackers or None, project_dir=cfg.out_dir)

@@ -14,7 +14,8 @@ from safetensors import SafetensorError
 
 from .errors import UserError
 
-__all__ = ["GPT2_NAMES", "is_gpt2_name", "looks_like_hub_id", "save_model_folder", "load_model", "load_model_and_tokenizer", "from_pretrained_strict"]
+__all__ = ["GPT2_NAMES", "is_gpt2_name", "looks_like_hub_id", "save_model_folder", "load_model", "load_model_and_tokenizer", "from_pretrained_strict",
+           "enable_activation_checkpointing"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -131,3 +132,9 @@ def load_model_and_tokenizer(name_or_path, **kwargs):
         os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(name_or_path) if has_tokenizer else gpt2_hf_tokenizer(model.config.block_size)
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model, kwargs=None):
+    """transformers' activation (gradient) checkpointing; 5.2x renamed the method and the old name warns."""
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    enable(kwargs)

@@ -22,7 +22,9 @@ from safetensors import SafetensorError
 from .checkpoint import (
     CKPT_PREFIX,
     fault_point,
+    load_optimizer_state,
     load_tree,
+    optimizer_state,
     prune_checkpoints,
     rng_state,
     save_tree,
@@ -36,7 +38,7 @@ from .data import MemmapBatches, StreamingBatches
 from .errors import UserError, cli_main
 from .hardware import peak_flops
 from .launch import StopSignals, finish, make_accelerator, together
-from .model_io import from_pretrained_strict, load_model_and_tokenizer, looks_like_hub_id
+from .model_io import enable_activation_checkpointing, from_pretrained_strict, load_model_and_tokenizer, looks_like_hub_id
 from .run_dir import RunDir
 from .tokenization import char_tokenizer, check_same_vocabulary, gpt2_hf_tokenizer, meta_signature, tokenizer_signature
 from .tracking import Journal, Progress, init_trackers
@@ -269,7 +271,7 @@ def save_checkpoint(accelerator, model, optimizer, train_source, tokenizer, cfg,
     Returns the checkpoint path, or None when the weights are not finite (such a checkpoint is never written).
     A full disk or a permission error is one UserError on every rank; the previous checkpoint stays intact."""
     unwrapped = accelerator.unwrap_model(model)
-    finite = torch.tensor(float(all(torch.isfinite(p).all() for p in unwrapped.parameters())), device=accelerator.device)
+    finite = torch.tensor(float(all(torch.isfinite(_local(p)).all() for p in unwrapped.parameters())), device=accelerator.device)
     if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
         return None
     final = run.checkpoint_path(state.iter_num)
@@ -301,7 +303,7 @@ def save_checkpoint(accelerator, model, optimizer, train_source, tokenizer, cfg,
         unwrapped.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
         fault_point("checkpoint")  # half-written: weights there, optimizer and manifest not yet
-        save_tree(os.path.join(tmp, "optimizer"), optimizer.state_dict())
+        save_tree(os.path.join(tmp, "optimizer"), optimizer_whole)
         record = dict(dataclasses.asdict(state), tokens_seen=state.iter_num * tokens_per_iter,
                       world_size=accelerator.num_processes, config=cfg.to_dict(),
                       tokenizer=tokenizer_signature(tokenizer), model_shape=_shape_of(unwrapped.config))
@@ -318,17 +320,23 @@ def save_checkpoint(accelerator, model, optimizer, train_source, tokenizer, cfg,
 
     together(accelerator, lambda: writing(begin))
     together(accelerator, lambda: writing(rank_state))
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
+    state_dict = accelerator.get_state_dict(model)  # collectives under FSDP: every rank calls them
+    optimizer_whole = optimizer_state(unwrapped, optimizer, keep=accelerator.is_main_process)
     together(accelerator, lambda: writing(main_part))
     return final
+
+
+def _local(tensor):
+    """This rank's part of a parameter (FSDP2 shards are DTensors)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _shape_of(model_config):
     return {k: getattr(model_config, k) for k in SHAPE_KEYS}
 
 
-def restore_training_state(ckpt, accelerator, optimizer, train_source, log):
-    optimizer.load_state_dict(load_tree(os.path.join(ckpt, "optimizer")))
+def restore_training_state(ckpt, accelerator, model, optimizer, train_source, log):
+    load_optimizer_state(accelerator.unwrap_model(model), optimizer, load_tree(os.path.join(ckpt, "optimizer")), ckpt)
     rank_file = os.path.join(ckpt, f"rank{accelerator.process_index}")
     if not os.path.exists(rank_file + ".json"):
         if not isinstance(train_source, MemmapBatches):
@@ -381,7 +389,7 @@ def _setup(cfg, sources, run, log):
     if ckpt is None and cfg.init_from != "scratch":
         cfg = adopt_model_shape(cfg, model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     return cfg, ckpt, ckpt_state, tokenizer, model
 
 
@@ -426,7 +434,7 @@ def train(cfg, sources=None):
     train_source = together(accelerator, lambda: make_train_source(cfg, accelerator, log), main_first=True)
     state = TrainState(data=data_fingerprint(data_dir_of(cfg)) if cfg.data_source == "memmap" else {})
     if ckpt:
-        restore_training_state(ckpt, accelerator, optimizer, train_source, log)
+        restore_training_state(ckpt, accelerator, model, optimizer, train_source, log)
         known = {f.name for f in dataclasses.fields(TrainState)}
         state = TrainState(**{**{k: v for k, v in ckpt_state.items() if k in known}, "data": state.data})
     resume_iter = state.iter_num if ckpt else None
@@ -440,7 +448,7 @@ def train(cfg, sources=None):
     n_params = raw_model.get_num_params()
     peak = peak_flops(accelerator.device, dtype={"bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32))
     flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter / world  # per process (MFU per device)
-    log(f"world size {world} | tokens per iteration will be: {tokens_per_iter:,} "
+    log(f"world size {world} ({accelerator.distributed_type.value}) | tokens per iteration will be: {tokens_per_iter:,} "
         f"({cfg.gradient_accumulation_steps} accumulation x {cfg.batch_size} batch x {cfg.block_size} block; "
         f"{gas} micro-steps per process)")
     log(f"number of parameters: {n_params / 1e6:.2f}M | device {accelerator.device} | precision "

@@ -1,0 +1,60 @@
+"""The launch files in accelerate_configs/, read by Accelerate's own launcher code, and launched where they cannot
+work here (GPU files on a machine without GPUs, a node whose master is unreachable): they stop with a message."""
+
+import os
+import time
+
+import pytest
+import torch
+from conftest import ROOT, TRAIN, run_cli
+
+CONFIGS = os.path.join(ROOT, "accelerate_configs")
+
+
+def launch_args(name, *extra):
+    """The arguments `accelerate launch --config_file accelerate_configs/NAME ...` resolves to."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", os.path.join(CONFIGS, name), *extra, TRAIN])
+    return _validate_launch_command(args)[0]
+
+
+def test_fsdp_launch_file_is_fsdp2_with_the_models_no_split_modules(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from conftest import tiny_model
+
+    for key, value in prepare_multi_gpu_env(launch_args("fsdp.yaml")).items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_auto_wrap_policy(tiny_model())
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.transformer_cls_names_to_wrap == ["Block"]  # from NanoGPTForCausalLM._no_split_modules
+
+
+def test_multi_node_launch_file_bounds_the_rendezvous():
+    assert launch_args("multi_node.yaml").rdzv_conf == "timeout=30"
+    assert launch_args("multi_node.yaml", "--rdzv_conf", "timeout=600").rdzv_conf == "timeout=600"  # the CLI wins
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")
+@pytest.mark.parametrize("name", ["single_gpu.yaml", "multi_gpu.yaml", "fsdp.yaml"])
+def test_gpu_launch_files_stop_with_one_line_without_gpus(name, tmp_path, char_data):
+    proc = run_cli(["accelerate", "launch", "--config_file", os.path.join(CONFIGS, name), "--num_processes", "2"
+                    if name != "single_gpu.yaml" else "1", TRAIN, "--config", "train_shakespeare_char_cpu",
+                    "--device=auto", f"--data_dir={char_data}", f"--out_dir={tmp_path / 'out'}", "--max_iters=2"])
+    assert proc.returncode != 0
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "is for GPUs" in lines[0] and "--device=cpu" in lines[0], proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_multi_node_launch_file_with_an_unreachable_master_ends_within_two_minutes(tmp_path):
+    t0 = time.monotonic()
+    proc = run_cli(["accelerate", "launch", "--config_file", os.path.join(CONFIGS, "multi_node.yaml"), "--machine_rank",
+                    "1", TRAIN, "--config", "train_shakespeare_char_cpu"], cwd=tmp_path, timeout=300)
+    seconds = time.monotonic() - t0
+    assert proc.returncode != 0 and seconds < 120, seconds
+    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    assert "timed out" in last and "123.456.123.456, 29500" in last, last
