@@ -7,6 +7,8 @@
     nanogpt-bench --what startup                   # accelerate launch -> first training step (quickstart)
     nanogpt-bench --what quickstart                # the whole CPU quickstart run: ms/iter and val loss
     nanogpt-bench --what memory                    # memory per GPU to finetune gpt2..gpt2-xl (memory.py)
+    nanogpt-bench --what speedrun [--nanogpt_dir ../nanoGPT]   # time to nanoGPT's CPU loss: its command vs the
+                                                   # speedrun config, side by side (docs/speedrun.md)
 
 Every figure is the median of --repeats timed runs after --warmup untimed ones; ours and the references are
 interleaved run by run, so a machine whose speed drifts affects all alike. References: transformers'
@@ -22,6 +24,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +40,12 @@ from .hardware import keep_freed_memory_mapped, measured_matmul_flops, peak_flop
 __all__ = ["SHAPES", "main", "bench_train", "bench_generate"]
 
 # named shapes: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
-WHATS = ("train", "generate", "prepare", "startup", "quickstart", "memory")
+WHATS = ("train", "generate", "prepare", "startup", "quickstart", "memory", "speedrun")
+
+# nanoGPT's documented CPU command for the baby GPT (README, "I only have a macbook"), flags after the config file
+NANOGPT_CPU_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                     "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                     "--lr_decay_iters=2000", "--dropout=0.0"]
 
 SHAPES = {
     "quickstart": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),  # nanoGPT CPU
@@ -249,12 +257,13 @@ def _prepare_shakespeare_char(folder):
     return os.path.join(folder, "data")
 
 
-def _launch_quickstart(folder, data_dir, *overrides, stderr=subprocess.PIPE):
-    """`accelerate launch` (one CPU process) of the quickstart config into folder/out, as a Popen. Everything it
-    needs ships with the package, so this works outside a checkout too."""
+def _launch_quickstart(folder, data_dir, *overrides, stderr=subprocess.PIPE, config="train_shakespeare_char_cpu",
+                       out="out"):
+    """`accelerate launch` (one CPU process) of a config (the quickstart's by default) into folder/out, as a
+    Popen. Everything it needs ships with the package, so this works outside a checkout too."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=1", "--num_machines=1",
-           "--mixed_precision=no", "--dynamo_backend=no", "-m", "nanogpt_hf.train", "--config", "train_shakespeare_char_cpu",
-           f"--out_dir={os.path.join(folder, 'out')}", f"--data_dir={data_dir}", *overrides]
+           "--mixed_precision=no", "--dynamo_backend=no", "-m", "nanogpt_hf.train", "--config", config,
+           f"--out_dir={os.path.join(folder, out)}", f"--data_dir={data_dir}", *overrides]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, cwd=folder)
 
 
@@ -297,6 +306,106 @@ def bench_quickstart(seed=None, iters=None):
             "val_loss_iter": final["iter"], "val_loss": final["val/loss"]}
 
 
+# ------------------------------------------------------------------------------------------ speedrun
+EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+
+
+def _run_timed(cmd, cwd):
+    """Runs a training command; returns (seconds from process start to exit, [(seconds, iter, val estimate)] for
+    each evaluation line as it appeared on stdout: how the run's loss fell over wall time)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    curve = []
+
+    def read_stdout():
+        for line in proc.stdout:
+            m = EVAL_LINE.search(line)
+            if m:
+                curve.append((time.perf_counter() - t0, int(m.group(1)), float(m.group(3))))
+
+    import threading
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    tail = proc.stderr.read().strip().splitlines()[-1:]
+    proc.wait()
+    seconds = time.perf_counter() - t0
+    reader.join()
+    if proc.returncode != 0:
+        raise UserError(f"{' '.join(cmd[:4])} ... failed: {tail}")
+    return seconds, curve
+
+
+def _full_val_loss(model, data_dir):
+    """The loss of a full pass over val.bin, every token predicted once (nanogpt-eval's scoring)."""
+    import numpy as np
+
+    from .evaluate import evaluate_tokens
+
+    tokens = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    return evaluate_tokens(model.eval(), tokens, model.config.block_size, batch_size=64)["loss"]
+
+
+def _nanogpt_checkpoint_model(path):
+    """nanoGPT's out_dir/ckpt.pt as our model: the same parameter names; its GELU is the exact one. Loaded with
+    weights_only=True (tensors and plain values only: nothing in the file can run code)."""
+    from .configuration_nanogpt import NanoGPTConfig
+    from .modeling_nanogpt import NanoGPTForCausalLM
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    args = ckpt["model_args"]
+    model = NanoGPTForCausalLM(NanoGPTConfig(activation_function="gelu", **{k: args[k] for k in (
+        "n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")}))
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state, strict=False)  # lm_head.weight is tied to wte in both
+    return model
+
+
+def _classic_run(folder, data_dir, nanogpt_dir, extra=()):
+    """nanoGPT's CPU command: its own train.py from a checkout, else our classic recipe with nanoGPT's settings
+    (train_shakespeare_char_cpu with learning_rate 1e-3, min_lr 1e-4: nanoGPT's command exactly)."""
+    if nanogpt_dir:
+        out = os.path.join(folder, "nanogpt-out")
+        cmd = [sys.executable, os.path.join(nanogpt_dir, "train.py"),
+               os.path.join(nanogpt_dir, "config", "train_shakespeare_char.py"), *NANOGPT_CPU_FLAGS, f"--out_dir={out}"]
+        seconds, curve = _run_timed(cmd, folder)  # it reads data/shakespeare_char under its working directory
+        return "nanoGPT train.py", seconds, curve, _nanogpt_checkpoint_model(os.path.join(out, "ckpt.pt"))
+    from .modeling_nanogpt import NanoGPTForCausalLM
+
+    seconds, curve = _run_timed(_training_command("train_shakespeare_char_cpu", folder, data_dir, "classic",
+                                                  "--learning_rate=1e-3", "--min_lr=1e-4", *extra), folder)
+    return "classic recipe (nanoGPT's settings)", seconds, curve, NanoGPTForCausalLM.from_pretrained(
+        os.path.join(folder, "classic"))
+
+
+def _training_command(config, folder, data_dir, out, *overrides):
+    return [sys.executable, "-m", "nanogpt_hf.train", "--config", config, f"--out_dir={os.path.join(folder, out)}",
+            f"--data_dir={data_dir}", *overrides]
+
+
+def bench_speedrun(nanogpt_dir=None, config="speedrun_shakespeare_char_cpu", extra=()):
+    """nanoGPT's documented CPU command and the speedrun config, one after the other in this run, each timed from
+    process start to the finished model and scored by a full pass over the val split. The target is the classic
+    run's loss; the speedrun's time counts only if it reaches it. extra: overrides for both of our runs (tests
+    shrink them)."""
+    from .modeling_nanogpt import NanoGPTForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = _prepare_shakespeare_char(tmp)
+        name, classic_s, classic_curve, classic_model = _classic_run(tmp, data_dir, nanogpt_dir, extra)
+        target = _full_val_loss(classic_model, data_dir)
+        speed_s, _ = _run_timed(_training_command(config, tmp, data_dir, "speedrun", *extra), tmp)
+        speed_model = NanoGPTForCausalLM.from_pretrained(os.path.join(tmp, "speedrun"))
+        speed_loss = _full_val_loss(speed_model, data_dir)
+    # the classic run at the speedrun's wall time: its last evaluation by then (its own val estimate)
+    at_equal_time = [(t, it, loss) for t, it, loss in classic_curve if t <= speed_s]
+    return {"what": "speedrun", "classic": name, "config": config, "target_val_loss": target,
+            "classic_seconds": classic_s, "classic_params": classic_model.num_parameters(),
+            "speedrun_seconds": speed_s, "speedrun_val_loss": speed_loss, "speedrun_params": speed_model.num_parameters(),
+            "reached": speed_loss <= target, "time_ratio": speed_s / classic_s,
+            "classic_at_equal_time": at_equal_time[-1] if at_equal_time else None}
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def _mfu_text(mfu):
     """An MFU above 100% means the peak measured at start-up was depressed (other load on the machine then)."""
@@ -328,6 +437,20 @@ def _print(result):
               f"val loss {result['val_loss']:.4f} at iteration {result['val_loss_iter']}, {result['seconds']:.0f} s in all")
     elif what == "startup":
         print(f"startup: accelerate launch -> first training step {result['seconds_to_first_step']:.2f} s")
+    elif what == "speedrun":
+        reached = (f"reaches it in {result['speedrun_seconds']:.1f} s: x{result['time_ratio']:.2f} of the time"
+                   if result["reached"] else f"does NOT reach it (val loss {result['speedrun_val_loss']:.4f} "
+                                              f"after {result['speedrun_seconds']:.1f} s)")
+        print(f"speedrun: {result['classic']} ({result['classic_params'] / 1e6:.2f}M params) reaches val loss "
+              f"{result['target_val_loss']:.4f} (full pass) in {result['classic_seconds']:.1f} s; {result['config']} "
+              f"({result['speedrun_params'] / 1e6:.2f}M params) {reached}, val loss {result['speedrun_val_loss']:.4f}")
+        equal = result["classic_at_equal_time"]
+        if equal:
+            print(f"speedrun: at {result['speedrun_seconds']:.1f} s the classic run was at iteration {equal[1]} with val "
+                  f"loss {equal[2]:.4f} (its own estimate, at {equal[0]:.1f} s) against the speedrun's "
+                  f"{result['speedrun_val_loss']:.4f}")
+        else:
+            print(f"speedrun: at {result['speedrun_seconds']:.1f} s the classic run had not evaluated yet")
     elif what == "peak":
         print(f"peak {result['dtype']}: {result['flops'] / 1e9:.0f} GFLOP/s ({result['source']})")
 
@@ -352,7 +475,9 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--profile", default=None, help="write a torch profiler trace of one training step here")
-    p.add_argument("--nanogpt_dir", default=None, help="a clone of karpathy/nanoGPT: its model.py is timed too")
+    p.add_argument("--nanogpt_dir", default=None, help="a clone of karpathy/nanoGPT: its model.py is timed too "
+                                                        "(train), its train.py is the classic run (speedrun)")
+    p.add_argument("--speedrun_config", default="speedrun_shakespeare_char_cpu", help="speedrun: the recipe to race")
     p.add_argument("--default_allocator", action="store_true",
                    help="CPU: leave glibc malloc as it is (as other trainers run) instead of the trainer's setting")
     args = p.parse_args(argv)
@@ -400,6 +525,8 @@ def main(argv=None):
         report(bench_startup())
     if "quickstart" in whats:
         report(bench_quickstart(args.seed, args.quickstart_iters))
+    if "speedrun" in whats:
+        report(bench_speedrun(args.nanogpt_dir, args.speedrun_config))
     if "memory" in whats:
         from .memory import format_memory_table, memory_table
 

@@ -140,42 +140,55 @@ def _param_names(model):
     return {p: name for name, p in model.named_parameters()}
 
 
-def optimizer_state(model, optimizer, keep=True):
-    """{"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}, tensors whole and on the CPU.
-    Under FSDP every rank must call this (the shards are gathered); ranks with keep=False get None."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+def _unwrapped(optimizers):
+    """A list of torch optimizers from one optimizer or a list (accelerate's AcceleratedOptimizer unwrapped)."""
+    optimizers = optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
+    return [getattr(o, "optimizer", o) for o in optimizers]
+
+
+def optimizer_state(model, optimizers, keep=True):
+    """{"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}, tensors whole and on the CPU;
+    several optimizers (Muon + AdamW) give their groups in order. Under FSDP every rank must call this (the shards
+    are gathered); ranks with keep=False get None."""
     names = _param_names(model)
     state, groups = {}, []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            values = {k: _whole(v) if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
-            if values:
-                state[names[p]] = values
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [names[p] for p in group["params"]]})
+    for optimizer in _unwrapped(optimizers):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                values = {k: _whole(v) if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+                if values:
+                    state[names[p]] = values
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": [names[p] for p in group["params"]]})
     return {"state": state, "param_groups": groups} if keep else None
 
 
-def load_optimizer_state(model, optimizer, saved, where):
-    """Puts a state from optimizer_state() into the optimizer, each tensor sharded like its parameter. A state
+def load_optimizer_state(model, optimizers, saved, where):
+    """Puts a state from optimizer_state() into the optimizers, each tensor sharded like its parameter. A state
     saved by the first release (torch's own state_dict, keyed by position) loads as it is."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)
+    optimizers = _unwrapped(optimizers)
     if saved["param_groups"] and all(isinstance(i, int) for g in saved["param_groups"] for i in g["params"]):
-        optimizer.load_state_dict(saved)
+        if len(optimizers) != 1:
+            raise UserError(f"{where}: its optimizer state is AdamW's alone; resume with optimizer=adamw")
+        optimizers[0].load_state_dict(saved)
         return
     params = dict(model.named_parameters())
     names = _param_names(model)
-    current = [[names[p] for p in g["params"]] for g in optimizer.param_groups]
+    current = [[names[p] for p in g["params"]] for o in optimizers for g in o.param_groups]
     stored = [g["params"] for g in saved["param_groups"]]
     if current != stored:
         raise UserError(f"{where}: its optimizer state is for other parameters or another optimizer "
                         f"({sum(map(len, stored))} in {len(stored)} groups, this run has {sum(map(len, current))} in "
                         f"{len(current)}): resume with the run's own model and optimizer settings")
-    order = [name for group in stored for name in group]
-    state = {i: {k: _like(v, params[name]) if torch.is_tensor(v) else v for k, v in saved["state"][name].items()}
-             for i, name in enumerate(order) if name in saved["state"]}
-    position = iter(range(len(order)))
-    groups = [{**group, "params": [next(position) for _ in group["params"]]} for group in saved["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    saved_groups = iter(saved["param_groups"])
+    for optimizer in optimizers:
+        mine = [next(saved_groups) for _ in optimizer.param_groups]
+        order = [name for group in mine for name in group["params"]]
+        state = {i: {k: _like(v, params[name]) if torch.is_tensor(v) else v for k, v in saved["state"][name].items()}
+                 for i, name in enumerate(order) if name in saved["state"]}
+        position = iter(range(len(order)))
+        groups = [{**group, "params": [next(position) for _ in group["params"]]} for group in mine]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ------------------------------------------------------------------------------------ RNG streams

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .configuration_nanogpt import ACTIVATIONS
+from .configuration_nanogpt import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS
 from .errors import UserError
 
 __all__ = ["TrainConfig", "load_config", "resumed_config", "parse_cli", "resolve_config_path", "help_text", "CONFIGS_DIR",
@@ -85,15 +85,31 @@ class TrainConfig:
                                        choices=ACTIVATIONS)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, ~30% "
                                                   "more compute (large finetunes)")
-    # adamw optimizer
-    learning_rate: float = setting(6e-4, "max learning rate", "non_negative")
+    # model: the speedrun's architecture options (docs/speedrun.md); the defaults are GPT-2's
+    position_embedding: str = setting("learned", "learned (GPT-2) | rope (rotary, no position table)",
+                                      choices=POSITION_EMBEDDINGS)
+    norm: str = setting("layernorm", "layernorm (GPT-2) | rmsnorm", choices=NORMS)
+    qk_norm: bool = setting(False, "RMS-normalise queries and keys per head")
+    zero_init_residual: bool = setting(False, "start the residual projections at zero (each block the identity)")
+    logit_softcap: float = setting(0.0, "cap the logits smoothly at +-this value (c * tanh(x / c)); 0 disables",
+                                   "non_negative")
+    tie_word_embeddings: bool = setting(True, "share the token embedding and the output head (GPT-2); false unties")
+    # optimizer
+    optimizer: str = setting("adamw", "adamw (nanoGPT) | muon (Muon for the blocks' 2-D weights, AdamW for the rest)",
+                             choices=("adamw", "muon"))
+    muon_lr: float = setting(0.02, "optimizer=muon: max learning rate of the Muon weights", "non_negative")
+    muon_momentum: float = setting(0.95, "optimizer=muon: Muon's (Nesterov) momentum", "unit")
+    learning_rate: float = setting(6e-4, "max learning rate (of AdamW)", "non_negative")
     max_iters: int = setting(600000, "total number of training iterations", "non_negative")
     weight_decay: float = setting(1e-1, "AdamW weight decay of the 2-D weights", "non_negative")
     beta1: float = setting(0.9, "AdamW beta1", "unit")
     beta2: float = setting(0.95, "AdamW beta2", "unit")
     grad_clip: float = setting(1.0, "clip gradients at this norm, or disable if == 0.0", "non_negative")
     # learning rate decay settings
-    decay_lr: bool = setting(True, "warm up, then decay the learning rate (cosine)")
+    decay_lr: bool = setting(True, "warm up, then decay the learning rate (lr_schedule)")
+    lr_schedule: str = setting("cosine", "cosine (nanoGPT) | wsd (warmup, stable, then linear decay over the last "
+                                         "cooldown_frac of lr_decay_iters)", choices=("cosine", "wsd"))
+    cooldown_frac: float = setting(0.4, "lr_schedule=wsd: the fraction of lr_decay_iters spent decaying", "unit")
     warmup_iters: int = setting(2000, "how many steps to warm up for", "non_negative")
     lr_decay_iters: int = setting(600000, "decay until this iteration; should be ~= max_iters per Chinchilla",
                                   "non_negative")
@@ -249,15 +265,26 @@ def validate(cfg, sources):
     return cfg
 
 
+MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation_function", "position_embedding",
+              "norm", "qk_norm", "zero_init_residual", "logit_softcap", "tie_word_embeddings")
+
+
+def model_options(cfg):
+    """The NanoGPTConfig arguments a training config sets (logit_softcap 0 is the model's None)."""
+    options = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    options["logit_softcap"] = options["logit_softcap"] or None
+    return options
+
+
 def _validate_model_shape(cfg, where):
     """The model's own config checks the shape (one place for those rules)."""
     from .configuration_nanogpt import NanoGPTConfig
 
     try:
-        NanoGPTConfig(vocab_size=64, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      n_embd=cfg.n_embd, dropout=cfg.dropout, activation_function=cfg.activation_function)
+        NanoGPTConfig(vocab_size=64, **model_options(cfg))
     except ValueError as e:
-        key = next((k for k in ("n_embd", "n_head", "n_layer", "block_size", "dropout") if k in str(e)), "n_embd")
+        key = next((k for k in ("n_embd", "n_head", "n_layer", "block_size", "dropout", "position_embedding")
+                    if k in str(e)), "n_embd")
         raise UserError(f"{where(key)}: {str(e).removeprefix('NanoGPTConfig.')}") from e
 
 

@@ -6,11 +6,15 @@ the nanogpt_hf package: a checkpoint must load where nanogpt_hf is not installed
 
 from transformers import PretrainedConfig
 
-__all__ = ["NanoGPTConfig", "GPT2_PRESETS", "ACTIVATIONS"]
+__all__ = ["NanoGPTConfig", "GPT2_PRESETS", "ACTIVATIONS", "POSITION_EMBEDDINGS", "NORMS"]
 
 # GELU variants, by transformers' ACT2FN names: "gelu" is the exact (erf) GELU of nanoGPT's nn.GELU(); the tanh
 # approximation is GPT-2's own ("gelu_new"; "gelu_pytorch_tanh" and "gelu_fast" are the same function).
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu2")  # relu2: ReLU(x)^2 (Primer; speedrun)
+
+# Opt-in architecture options of the speedrun recipes (modded-nanogpt); the defaults are GPT-2's.
+POSITION_EMBEDDINGS = ("learned", "rope")  # rope: rotary embeddings on queries and keys (RoFormer), no wpe
+NORMS = ("layernorm", "rmsnorm")
 
 # The four OpenAI GPT-2 sizes (nanoGPT's from_pretrained table). All share vocab 50257, block 1024, bias=True.
 GPT2_PRESETS = {
@@ -46,6 +50,12 @@ class NanoGPTConfig(PretrainedConfig):
         layer_norm_epsilon=1e-5,
         use_cache=True,
         tie_word_embeddings=True,
+        position_embedding="learned",
+        rope_theta=10000.0,
+        norm="layernorm",
+        qk_norm=False,  # RMS-normalise queries and keys per head before attention (QK-norm)
+        zero_init_residual=False,  # residual projections (attn.c_proj, mlp.c_proj) start at zero
+        logit_softcap=None,  # logits = c * tanh(logits / c) (Gemma 2); None: off
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
@@ -64,7 +74,14 @@ class NanoGPTConfig(PretrainedConfig):
         self.use_cache = use_cache
         # transformers 5 no longer declares this on the base class: without it tying silently does not happen.
         self.tie_word_embeddings = tie_word_embeddings
+        self.position_embedding = position_embedding
+        self.rope_theta = rope_theta
+        self.norm = norm
+        self.qk_norm = qk_norm
+        self.zero_init_residual = zero_init_residual
+        self.logit_softcap = logit_softcap
         self._validate_sizes()
+        self._validate_options()
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
     def _validate_sizes(self):
@@ -82,3 +99,13 @@ class NanoGPTConfig(PretrainedConfig):
                              f"got {self.activation_function!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"NanoGPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+
+    def _validate_options(self):
+        for name, allowed in (("position_embedding", POSITION_EMBEDDINGS), ("norm", NORMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"NanoGPTConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.position_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"NanoGPTConfig: rope needs an even head size, got {self.n_embd // self.n_head}")
+        cap = self.logit_softcap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+            raise ValueError(f"NanoGPTConfig.logit_softcap must be a positive number or None, got {cap!r}")

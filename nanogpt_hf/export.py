@@ -15,7 +15,10 @@ def export_gpt2(source, dest):
     model, tokenizer = load_model_and_tokenizer(source)
     if os.path.exists(dest) and os.listdir(dest):
         raise UserError(f"{dest} exists and is not empty: choose a new folder (nothing was overwritten)")
-    gpt2 = model.to_gpt2()
+    try:
+        gpt2 = model.to_gpt2()
+    except ValueError as e:
+        raise UserError(f"{source}: cannot export to GPT-2: {e}") from e
     gpt2.save_pretrained(dest, safe_serialization=True)
     chars = char_vocabulary(tokenizer)
     if chars is not None:  # a folder of nanogpt-hf 0.1 has the hand-written char tokenizer: export the stock one

@@ -15,7 +15,7 @@ import torch
 
 from .configuration_nanogpt import ACTIVATIONS, GPT2_PRESETS, NanoGPTConfig
 
-__all__ = ["load_gpt2_state_dict", "nanogpt_config_from_gpt2", "gpt2_to_nanogpt_state_dict", "to_gpt2_model"]
+__all__ = ["load_gpt2_state_dict", "nanogpt_config_from_gpt2", "gpt2_to_nanogpt_state_dict", "to_gpt2_model", "non_gpt2_options"]
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # leading dot: `c_attn.bias` also ends in `attn.bias`
@@ -93,11 +93,26 @@ def nanogpt_config_from_gpt2(gpt2_config, dropout=None, **overrides):
     return NanoGPTConfig(**args)
 
 
+def non_gpt2_options(config):
+    """The architecture options of config that GPT-2 does not have (an untied head it has), as `key=value`."""
+    gpt2 = dict(position_embedding="learned", norm="layernorm", qk_norm=False, logit_softcap=None)
+    found = [f"{k}={getattr(config, k, v)!r}" for k, v in gpt2.items() if getattr(config, k, v) != v]
+    if config.activation_function == "relu2":
+        found.append("activation_function='relu2'")
+    return found
+
+
 def to_gpt2_model(model):
-    """A transformers GPT2LMHeadModel computing the same function as `model` (a NanoGPTForCausalLM)."""
+    """A transformers GPT2LMHeadModel computing the same function as `model` (a NanoGPTForCausalLM). Models with
+    options GPT-2 has no equivalent for (rope, rmsnorm, qk_norm, relu2, logit_softcap) raise ValueError."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.config
+    unsupported = non_gpt2_options(cfg)
+    if unsupported:
+        raise ValueError(f"this model uses {', '.join(unsupported)}, which transformers' GPT2LMHeadModel cannot "
+                         f"compute, and no stock transformers architecture matches it: share the model folder "
+                         f"itself (it loads with trust_remote_code=True)")
     gpt2 = GPT2LMHeadModel(
         GPT2Config(
             vocab_size=cfg.vocab_size,
@@ -113,7 +128,7 @@ def to_gpt2_model(model):
             bos_token_id=cfg.bos_token_id,  # None for a character model: GPT-2's 50256 would be out of its vocabulary
             eos_token_id=cfg.eos_token_id,
             pad_token_id=cfg.pad_token_id,
-            tie_word_embeddings=True,
+            tie_word_embeddings=cfg.tie_word_embeddings,
         )
     )
     ours = model.state_dict()
@@ -128,5 +143,6 @@ def to_gpt2_model(model):
         else:
             new_state[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value.detach().clone()
     gpt2.load_state_dict(new_state, strict=True)
-    gpt2.tie_weights()
+    if cfg.tie_word_embeddings:
+        gpt2.tie_weights()
     return gpt2.to(next(model.parameters()).dtype)

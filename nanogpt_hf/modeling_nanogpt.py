@@ -57,14 +57,20 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.layer_idx = layer_idx
 
-    def forward(self, x, cache=None, attn_mask=None, output_attentions=False):
+    def forward(self, x, cache=None, attn_mask=None, output_attentions=False, rotary=None):
         """attn_mask: None (causal, or nothing to mask for one query over a full cache), a boolean mask
-        (B or 1, 1, T, S) where True means "may attend", or an additive float mask of that shape."""
+        (B or 1, 1, T, S) where True means "may attend", or an additive float mask of that shape.
+        rotary: (cos, sin) of the positions, each (B or 1, 1, T, hs / 2), with position_embedding="rope"."""
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
+        hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.config.qk_norm:  # QK-norm (Dehghani et al. 2023; modded-nanogpt): bounded attention logits
+            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+        if rotary is not None:
+            q, k = _rotate(q, *rotary), _rotate(k, *rotary)
         if cache is not None:
             # the cache returns all keys/values seen so far: (B, nh, S, hs), S = past + T (a static cache: its size)
             k, v = cache.update(k, v, self.layer_idx)
@@ -104,11 +110,36 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         # GPT-2 uses the tanh approximation of GELU ("gelu_new"), nanoGPT the exact one (nn.GELU()). Both run as
         # one PyTorch kernel (transformers' NewGELUActivation is five); on CPU the exact one is several times faster
-        # (docs/performance.md).
+        # (docs/performance.md). relu2 is ReLU(x)^2 (Primer, So et al. 2021; the speedrun's MLP).
+        self.relu2 = config.activation_function == "relu2"
         self.gelu_approximate = "none" if config.activation_function == "gelu" else "tanh"
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate)))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate=self.gelu_approximate)
+        return self.dropout(self.c_proj(h))
+
+
+def _norm(config):
+    """GPT-2's LayerNorm, or RMSNorm (norm="rmsnorm": no mean, no bias; Zhang & Sennrich 2019)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.layer_norm_epsilon)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
+def _rotary(position_ids, head_size, theta, dtype):
+    """cos and sin of rotary embeddings (RoFormer, Su et al. 2021) for positions (T,) or (B, T): each
+    (B or 1, 1, T, hs / 2). Computed per call from the positions, so there is no buffer to save or load."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=position_ids.device, dtype=torch.float32) / head_size)
+    angles = position_ids.float()[..., None] * inv_freq  # (T, hs / 2) or (B, T, hs / 2)
+    angles = angles.view(-1, 1, *angles.shape[-2:])  # (B or 1, 1, T, hs / 2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate(x, cos, sin):
+    """Rotates each pair (x1[i], x2[i]) of the head's two halves by the position's angle: (B, nh, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs / 2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class Block(GradientCheckpointingLayer):
@@ -117,13 +148,13 @@ class Block(GradientCheckpointingLayer):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = _norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_2 = _norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None, output_attentions=False):
-        y, att = self.attn(self.ln_1(x), cache, attn_mask, output_attentions)
+    def forward(self, x, attn_mask=None, cache=None, output_attentions=False, rotary=None):
+        y, att = self.attn(self.ln_1(x), cache, attn_mask, output_attentions, rotary)
         x = x + y
         x = x + self.mlp(self.ln_2(x))
         return x, att
@@ -150,14 +181,17 @@ class NanoGPTPreTrainedModel(PreTrainedModel):
             if getattr(module, "residual_projection", False):
                 # GPT-2 paper: scale residual weights by 1/sqrt(N), N the number of residual layers (2 per block)
                 std = std / math.sqrt(2 * self.config.n_layer)
-            init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "residual_projection", False) and self.config.zero_init_residual:
+                init.zeros_(module.weight)  # each block starts as the identity (modded-nanogpt, ReZero)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             init.ones_(module.weight)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
 
     @classmethod
@@ -181,10 +215,11 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
     def __init__(self, config: NanoGPTConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        # learned absolute positions (GPT-2), or none here: rotary embeddings act inside attention
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position_embedding == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_f = _norm(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -244,14 +279,19 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         attn_mask = _attention_mask(attention_mask, T, past, _static_length(cache), inputs_embeds.device)
         if position_ids is None:
             position_ids = _position_ids(attention_mask, T, past, inputs_embeds.device)
-        pos_emb = self.wpe(position_ids)  # position embeddings of shape (T, n_embd) or (B, T, n_embd)
-        x = self.drop(inputs_embeds + pos_emb)
+        rotary = None
+        if self.wpe is not None:
+            pos_emb = self.wpe(position_ids)  # position embeddings of shape (T, n_embd) or (B, T, n_embd)
+            x = self.drop(inputs_embeds + pos_emb)
+        else:
+            x = self.drop(inputs_embeds)
+            rotary = _rotary(position_ids, cfg.n_embd // cfg.n_head, cfg.rope_theta, x.dtype)
 
         all_hidden, all_attentions = (), ()
         for block in self.h:
             if output_hidden_states:
                 all_hidden += (x,)
-            x, att = block(x, attn_mask, cache=cache, output_attentions=output_attentions)
+            x, att = block(x, attn_mask, cache=cache, output_attentions=output_attentions, rotary=rotary)
             if output_attentions:
                 all_attentions += (att,)
         x = self.ln_f(x)
@@ -351,6 +391,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         else:
             x = x[:, logits_to_keep, :]
         logits = self.lm_head(x)  # (B, T', vocab_size)
+        if self.config.logit_softcap:  # bounded logits (Gemma 2; modded-nanogpt): c * tanh(logits / c)
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
 
         loss = None
         shift_labels = kwargs.get("shift_labels")
@@ -405,7 +447,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         """Number of parameters; by default without the position embeddings (nanoGPT's convention: the token
         embeddings are counted, since weight tying makes them the output layer's weights too)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.transformer.wpe is not None:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -427,8 +469,9 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"crop_block_size: block_size must be in [1, {self.config.block_size}], got {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
-        self.transformer.wpe.num_embeddings = block_size
+        if self.transformer.wpe is not None:  # rotary positions need no surgery
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+            self.transformer.wpe.num_embeddings = block_size
 
     def predict(self, idx, targets=True):
         """The seed's logits API. targets=True: logits for every position (B, T, vocab); targets=False: only for

@@ -32,7 +32,7 @@ from .checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
-from .config import load_config, resumed_config
+from .config import load_config, model_options, resumed_config
 from .corpus import check_prepared, data_fingerprint, dataset_dir
 from .data import MemmapBatches, StreamingBatches
 from .errors import UserError, cli_main
@@ -45,7 +45,9 @@ from .tracking import Journal, Progress, init_trackers
 
 __all__ = ["main", "train", "get_lr", "TrainState"]
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "activation_function", "vocab_size")
+# what a resumed run cannot change (dropout and zero_init_residual can: they do not change the weights' meaning)
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "activation_function", "position_embedding", "norm",
+              "qk_norm", "logit_softcap", "tie_word_embeddings", "vocab_size")
 
 
 @dataclass
@@ -64,7 +66,9 @@ class TrainState:
 
 # ------------------------------------------------------------------------------------------- schedule
 def get_lr(it, cfg):
-    """nanoGPT's learning rate decay scheduler (cosine with linear warmup, floor at min_lr)."""
+    """nanoGPT's learning rate decay scheduler (cosine with linear warmup, floor at min_lr), or warmup-stable-decay
+    (lr_schedule=wsd: the peak until the last cooldown_frac of lr_decay_iters, then linear to min_lr; Hägele et al.
+    2024, the speedrun's schedule). AdamW's rate; Muon's is scaled alongside (see _set_lr)."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     # 1) linear warmup for warmup_iters steps
@@ -73,10 +77,24 @@ def get_lr(it, cfg):
     # 2) if it > lr_decay_iters, return min learning rate
     if it > cfg.lr_decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        # 3) stable at the peak, then linear decay to min_lr over the last cooldown_frac of the iterations
+        cooldown_start = max(cfg.warmup_iters, cfg.lr_decay_iters * (1 - cfg.cooldown_frac))
+        if it < cooldown_start:
+            return cfg.learning_rate
+        coeff = (cfg.lr_decay_iters - it) / max(1, cfg.lr_decay_iters - cooldown_start)  # 1..0
+        return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
     # 3) in between, use cosine decay down to min learning rate
     decay_ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def _set_lr(optimizers, lr):
+    """Every group at the schedule's rate times its lr_scale (Muon's groups: muon_lr / learning_rate)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -194,10 +212,9 @@ def build_model(cfg, tokenizer, log, ckpt=None, ckpt_state=None):
         return from_pretrained_strict(os.path.join(ckpt, "model"), dropout=cfg.dropout)
     if cfg.init_from == "scratch":
         log("Initializing a new model from scratch")
-        config = NanoGPTConfig(vocab_size=_vocab_size_for(tokenizer), block_size=cfg.block_size, n_layer=cfg.n_layer,
-                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                               activation_function=cfg.activation_function, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+        config = NanoGPTConfig(vocab_size=_vocab_size_for(tokenizer), **model_options(cfg),
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               bos_token_id=tokenizer.eos_token_id)
         return NanoGPTForCausalLM(config)
     log(f"Initializing from {cfg.init_from}")
     model, model_tokenizer = load_model_and_tokenizer(cfg.init_from, dropout=cfg.dropout)
@@ -212,16 +229,17 @@ def build_model(cfg, tokenizer, log, ckpt=None, ckpt_state=None):
 
 def adopt_model_shape(cfg, model):
     """The loaded model's shape wins over the config's, like nanoGPT (and the saved config says so)."""
-    return dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in
-                                       ("n_layer", "n_head", "n_embd", "bias", "activation_function")})
+    shape = {k: getattr(model.config, k) for k in SHAPE_KEYS if k not in ("vocab_size", "block_size")}
+    return dataclasses.replace(cfg, **shape, logit_softcap=shape["logit_softcap"] or 0.0)
 
 
 def _check_shape(cfg, ckpt_shape, where):
+    mine = model_options(cfg)
     for key in SHAPE_KEYS:
         # keys a checkpoint does not record (written before they existed) cannot disagree
-        if key != "vocab_size" and key in ckpt_shape and getattr(cfg, key) != ckpt_shape[key]:
+        if key != "vocab_size" and key in ckpt_shape and mine[key] != ckpt_shape[key]:
             raise UserError(f"{where} was trained with {key}={ckpt_shape[key]!r} but the command line says "
-                            f"{getattr(cfg, key)!r}: resume with the run's own shape, or use another out_dir")
+                            f"{mine[key]!r}: resume with the run's own shape, or use another out_dir")
 
 
 def _check_same_data(cfg, ckpt, recorded, log):
@@ -237,16 +255,25 @@ def _check_same_data(cfg, ckpt, recorded, log):
 
 
 def configure_optimizer(model, cfg):
-    """nanoGPT's AdamW: weight decay on every 2D+ tensor (matmuls, embeddings), none on biases and LayerNorms."""
-    params = [p for p in model.parameters() if p.requires_grad]  # shared (tied) tensors appear once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """nanoGPT's AdamW: weight decay on every 2D+ tensor (matmuls, embeddings), none on biases and LayerNorms.
+    optimizer=muon: the blocks' 2-D weights go to torch.optim.Muon (Jordan et al. 2024) instead, at muon_lr; the
+    embeddings, the head, gains and biases stay with AdamW (as in modded-nanogpt). Returns ([optimizers], fused)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # shared (tied) tensors appear once
+    muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".h." in f".{n}"]
+    taken = set(map(id, muon))
+    decay = [p for _, p in named if p.dim() >= 2 and id(p) not in taken]
+    no_decay = [p for _, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     try:  # the fused kernel is faster, on CUDA and (torch >= 2.4) on CPU
-        return torch.optim.AdamW(groups, fused=True, **kwargs), True
+        adamw, fused = torch.optim.AdamW(groups, fused=True, **kwargs), True
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, **kwargs), False
+        adamw, fused = torch.optim.AdamW(groups, **kwargs), False
+    if not muon:
+        return [adamw], fused
+    scale = cfg.muon_lr / cfg.learning_rate if cfg.learning_rate else 0.0
+    return [adamw, torch.optim.Muon([{"params": muon, "lr_scale": scale}], lr=cfg.muon_lr,
+                                    weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)], fused
 
 
 def maybe_compile(model, cfg, log):
@@ -266,7 +293,7 @@ def maybe_compile(model, cfg, log):
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(accelerator, model, optimizer, train_source, tokenizer, cfg, run, state, tokens_per_iter):
+def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, cfg, run, state, tokens_per_iter):
     """Writes checkpoints/ckpt-N atomically (see checkpoint.py), then makes out_dir's model folder equal to it.
     Returns the checkpoint path, or None when the weights are not finite (such a checkpoint is never written).
     A full disk or a permission error is one UserError on every rank; the previous checkpoint stays intact."""
@@ -321,7 +348,7 @@ def save_checkpoint(accelerator, model, optimizer, train_source, tokenizer, cfg,
     together(accelerator, lambda: writing(begin))
     together(accelerator, lambda: writing(rank_state))
     state_dict = accelerator.get_state_dict(model)  # collectives under FSDP: every rank calls them
-    optimizer_whole = optimizer_state(unwrapped, optimizer, keep=accelerator.is_main_process)
+    optimizer_whole = optimizer_state(unwrapped, optimizers, keep=accelerator.is_main_process)
     together(accelerator, lambda: writing(main_part))
     return final
 
@@ -335,8 +362,8 @@ def _shape_of(model_config):
     return {k: getattr(model_config, k) for k in SHAPE_KEYS}
 
 
-def restore_training_state(ckpt, accelerator, model, optimizer, train_source, log):
-    load_optimizer_state(accelerator.unwrap_model(model), optimizer, load_tree(os.path.join(ckpt, "optimizer")), ckpt)
+def restore_training_state(ckpt, accelerator, model, optimizers, train_source, log):
+    load_optimizer_state(accelerator.unwrap_model(model), optimizers, load_tree(os.path.join(ckpt, "optimizer")), ckpt)
     rank_file = os.path.join(ckpt, f"rank{accelerator.process_index}")
     if not os.path.exists(rank_file + ".json"):
         if not isinstance(train_source, MemmapBatches):
@@ -427,14 +454,16 @@ def train(cfg, sources=None):
     world = accelerator.num_processes
     gas = cfg.gradient_accumulation_steps // world
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    optimizer, fused = configure_optimizer(model, cfg)
+    optimizers, fused = configure_optimizer(model, cfg)
+    if len(optimizers) > 1 and accelerator.mixed_precision == "fp16":
+        raise UserError("optimizer=muon does not work with float16's gradient scaler: use dtype=bfloat16 or float32")
     model = maybe_compile(model, cfg, log)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, *optimizers = accelerator.prepare(model, *optimizers)
     # the main process first: a streamed dataset is downloaded and cached once for all ranks
     train_source = together(accelerator, lambda: make_train_source(cfg, accelerator, log), main_first=True)
     state = TrainState(data=data_fingerprint(data_dir_of(cfg)) if cfg.data_source == "memmap" else {})
     if ckpt:
-        restore_training_state(ckpt, accelerator, model, optimizer, train_source, log)
+        restore_training_state(ckpt, accelerator, model, optimizers, train_source, log)
         known = {f.name for f in dataclasses.fields(TrainState)}
         state = TrainState(**{**{k: v for k, v in ckpt_state.items() if k in known}, "data": state.data})
     resume_iter = state.iter_num if ckpt else None
@@ -476,7 +505,7 @@ def train(cfg, sources=None):
     def checkpoint(final):
         name = run.checkpoint_path(state.iter_num)
         say(f"saving checkpoint to {name}")
-        if save_checkpoint(accelerator, model, optimizer, train_source, tokenizer, cfg, run, state, tokens_per_iter):
+        if save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, cfg, run, state, tokens_per_iter):
             _maybe_push(cfg, accelerator, "end" if final else "every_save", say)
         else:
             say("warning: weights are not finite: checkpoint NOT written")
@@ -491,8 +520,7 @@ def train(cfg, sources=None):
             return {"iter_num": state.iter_num, "val_loss": losses["val"], "train_loss": losses["train"]}
         while True:
             lr = get_lr(state.iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            _set_lr(optimizers, lr)
 
             # evaluate the loss on train/val sets and write checkpoints; the last iteration always
             done = state.iter_num >= cfg.max_iters
@@ -514,7 +542,8 @@ def train(cfg, sources=None):
             step_loss = loss_sum / gas
             finite, stop = _agree(accelerator, step_loss, grad_norm, signals.received)
             if finite or accelerator.scaler is not None:
-                optimizer.step()  # with fp16 the scaler skips overflowing steps itself
+                for optimizer in optimizers:
+                    optimizer.step()  # with fp16 the scaler skips overflowing steps itself
                 bad_steps = 0
             else:
                 bad_steps += 1
@@ -523,7 +552,8 @@ def train(cfg, sources=None):
                     raise UserError(f"{bad_steps} non-finite steps in a row at iter {state.iter_num}: training diverged; "
                                     f"lower learning_rate, raise warmup_iters or enable grad_clip, then resume from the "
                                     f"last checkpoint")
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
 
             t1 = time.perf_counter()
             dt, t0 = t1 - t0, t1

@@ -108,3 +108,15 @@ def test_sharded_loader_reads_a_first_release_checkpoint(tmp_path):
     load_optimizer_state(model, fresh, load_tree(str(tmp_path / "optimizer")), "old")
     for p in model.parameters():
         assert torch.equal(fresh.state[p]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"])
+
+
+def test_fsdp_resume_with_muon_is_bit_exact(tmp_path):
+    """Muon's momentum (and AdamW's moments for the rest) through the same path, sharded over 2 processes."""
+    leg(2, "--fsdp", 1, "--optimizer", "muon", "--steps", 4, "--save", tmp_path / "ref", "--save_at", 2,
+        "--save_mid", tmp_path / "mid")
+    leg(2, "--fsdp", 1, "--optimizer", "muon", "--load", tmp_path / "mid", "--steps", 2, "--save", tmp_path / "resumed")
+    saved = opt_state(tmp_path / "mid" / "optimizer")
+    assert "momentum_buffer" in saved["state"]["transformer.h.0.attn.c_attn.weight"]
+    assert "exp_avg" in saved["state"]["transformer.wte.weight"]
+    assert max_difference(weights(tmp_path / "resumed"), weights(tmp_path / "ref")) == 0
+    assert max_difference(opt_state(tmp_path / "resumed" / "optimizer"), opt_state(tmp_path / "ref" / "optimizer")) == 0

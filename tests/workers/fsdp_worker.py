@@ -3,6 +3,7 @@
 trained with the trainer's AdamW for a few steps, its weights and optimizer state saved through the checkpoint code.
 
   torchrun --nproc_per_node W fsdp_worker.py --fsdp 0|1 [--load DIR] --steps N --save DIR [--save_at K --save_mid DIR]
+      [--optimizer adamw|muon]
 
 The global batch of step s is the same whatever W is (rank r takes its slice), so legs on 1 and 2 processes train
 the same model. After loading, the optimizer state as the processes now hold it is written to DIR/loaded.*.
@@ -11,8 +12,6 @@ the same model. After loading, the optimizer state as the processes now hold it 
 import argparse
 import os
 import sys
-from types import SimpleNamespace
-
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -21,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tiny_model  # noqa: E402
 
 from nanogpt_hf.checkpoint import load_optimizer_state, load_tree, optimizer_state, save_tree  # noqa: E402
+from nanogpt_hf.config import TrainConfig  # noqa: E402
 from nanogpt_hf.train import configure_optimizer  # noqa: E402
 
 GLOBAL_BATCH = 4
@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--save", required=True)
     ap.add_argument("--save_at", type=int, default=-1)
     ap.add_argument("--save_mid")
+    ap.add_argument("--optimizer", default="adamw")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -72,7 +73,7 @@ def main():
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
-    optimizer, _ = configure_optimizer(model, SimpleNamespace(weight_decay=0.1, learning_rate=1e-2, beta1=0.9, beta2=0.95))
+    optimizer, _ = configure_optimizer(model, TrainConfig(learning_rate=1e-2, optimizer=args.optimizer))  # a list
     if args.load:
         load_optimizer_state(model, optimizer, load_tree(os.path.join(args.load, "optimizer")), args.load)
         loaded = optimizer_state(model, optimizer, keep=rank == 0)
@@ -86,8 +87,9 @@ def main():
         if world > 1 and not args.fsdp:  # plain data parallel by hand (FSDP averages the gradients itself)
             for p in model.parameters():
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizer:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if step + 1 == args.save_at:
             save(args.save_mid, model, optimizer, rank)
             if rank == 0:
