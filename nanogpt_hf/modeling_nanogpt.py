@@ -6,12 +6,17 @@ a 4x MLP with GELU (GPT-2's tanh approximation or nanoGPT's exact one), causal s
 Parameter names equal GPT2LMHeadModel's, so OpenAI's checkpoints load with only the Conv1D weights transposed
 (see gpt2_conversion.py).
 
+Opt-in options of the speedrun recipes (NanoGPTConfig; the defaults are GPT-2's): rotary position embeddings
+instead of the learned table, RMSNorm, QK-norm, ReLU^2, zero-initialised residual projections, a logit soft-cap
+and an untied head (docs/speedrun.md measures each).
+
 References:
 1) the official GPT-2 TensorFlow implementation released by OpenAI:
    https://github.com/openai/gpt-2/blob/master/src/model.py
 2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
 3) huggingface/transformers PyTorch implementation:
    https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
+4) modded-nanogpt, the speedrun's techniques: https://github.com/KellerJordan/modded-nanogpt
 
 This file is copied next to every saved model, so it imports only transformers, torch and the files beside it.
 """

@@ -230,7 +230,8 @@ def build_model(cfg, tokenizer, log, ckpt=None, ckpt_state=None):
 def adopt_model_shape(cfg, model):
     """The loaded model's shape wins over the config's, like nanoGPT (and the saved config says so)."""
     shape = {k: getattr(model.config, k) for k in SHAPE_KEYS if k not in ("vocab_size", "block_size")}
-    return dataclasses.replace(cfg, **shape, logit_softcap=shape["logit_softcap"] or 0.0)
+    shape["logit_softcap"] = shape["logit_softcap"] or 0.0  # the model's None is the training key's 0
+    return dataclasses.replace(cfg, **shape)
 
 
 def _check_shape(cfg, ckpt_shape, where):
@@ -481,7 +482,8 @@ def train(cfg, sources=None):
         f"({cfg.gradient_accumulation_steps} accumulation x {cfg.batch_size} batch x {cfg.block_size} block; "
         f"{gas} micro-steps per process)")
     log(f"number of parameters: {n_params / 1e6:.2f}M | device {accelerator.device} | precision "
-        f"{accelerator.mixed_precision} | fused AdamW {fused} | compile {cfg.compile} | data {cfg.data_source}")
+        f"{accelerator.mixed_precision} | {'Muon + ' if len(optimizers) > 1 else ''}fused AdamW {fused} | "
+        f"compile {cfg.compile} | data {cfg.data_source}")
 
     progress = Progress(cfg.max_iters, min(state.iter_num, cfg.max_iters), enabled=accelerator.is_local_main_process)
     say = progress.write  # every message from here on: never on the progress bar's line

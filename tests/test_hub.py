@@ -101,7 +101,9 @@ def test_training_run_pushes_through_the_real_upload_code(hub_server, tmp_path, 
     proc = run_cli(["python", TRAIN, *train_args(out, char_data, "--max_iters=6", "--eval_interval=3",
                                                    "--always_save_checkpoint=true", "--push_to_hub=true",
                                                    "--hub_model_id=me/baby-gpt", "--hub_push_training_state=true",
-                                                   "--hub_strategy=every_save")],
+                                                   "--hub_strategy=every_save", "--optimizer=muon",
+                                                   "--position_embedding=rope", "--qk_norm=true",
+                                                   "--tie_word_embeddings=false")],
                    env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.split("?")[0] for p, _ in HubStandIn.requests} == {
@@ -120,8 +122,9 @@ def test_training_run_pushes_through_the_real_upload_code(hub_server, tmp_path, 
     card = open(repo / "README.md").read()
     val = [r for r in read_log(out) if "val/loss" in r][-1]["val/loss"]
     assert f"{val:.4f}" in card and "tokens seen | 768" in card and "--config train_config.yaml" in card
-    model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
-    assert model.config.n_layer == 2
+    model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)  # the speedrun's options travel too
+    assert model.config.n_layer == 2 and model.config.position_embedding == "rope" and model.transformer.wpe is None
+    assert model.lm_head.weight is not model.transformer.wte.weight
     for path in glob.glob(str(out / "**"), recursive=True):  # the token is never written anywhere
         if os.path.isfile(path):
             assert token.encode() not in open(path, "rb").read(), path

@@ -38,7 +38,7 @@ def test_multi_node_launch_file_bounds_the_rendezvous():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")
-@pytest.mark.parametrize("name", ["single_gpu.yaml", "multi_gpu.yaml", "fsdp.yaml"])
+@pytest.mark.parametrize("name", ["single_gpu.yaml", "fsdp.yaml"])  # multi_gpu.yaml: the same check as fsdp.yaml's
 def test_gpu_launch_files_stop_with_one_line_without_gpus(name, tmp_path, char_data):
     proc = run_cli(["accelerate", "launch", "--config_file", os.path.join(CONFIGS, name), "--num_processes", "2"
                     if name != "single_gpu.yaml" else "1", TRAIN, "--config", "train_shakespeare_char_cpu",
@@ -50,11 +50,14 @@ def test_gpu_launch_files_stop_with_one_line_without_gpus(name, tmp_path, char_d
 
 
 @pytest.mark.slow
-def test_multi_node_launch_file_with_an_unreachable_master_ends_within_two_minutes(tmp_path):
+def test_multi_node_launch_file_with_an_unreachable_master_ends_in_bounded_time(tmp_path):
+    """The shipped file (30 s rendezvous timeout: 55 s in all, measured) with the timeout set to 5 s on the
+    command line, the way the file's comment tells users to change it: the wait is the timeout's, not 600 s."""
     t0 = time.monotonic()
     proc = run_cli(["accelerate", "launch", "--config_file", os.path.join(CONFIGS, "multi_node.yaml"), "--machine_rank",
-                    "1", TRAIN, "--config", "train_shakespeare_char_cpu"], cwd=tmp_path, timeout=300)
+                    "1", "--rdzv_conf", "timeout=5", TRAIN, "--config", "train_shakespeare_char_cpu"], cwd=tmp_path,
+                   timeout=300)
     seconds = time.monotonic() - t0
-    assert proc.returncode != 0 and seconds < 120, seconds
+    assert proc.returncode != 0 and seconds < 60, seconds
     last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
     assert "timed out" in last and "123.456.123.456, 29500" in last, last
