@@ -71,10 +71,17 @@ def test_speedrun_options_resume_bit_exact_after_sigkill(tmp_path, char_data):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = load_tree(str(out / "checkpoints" / "ckpt-0000008" / "optimizer"))
     assert "momentum_buffer" in state["state"]["transformer.h.0.mlp.c_fc.weight"]
-    # the same run folder resumed with another optimizer: one line, nothing changed
-    proc = run_train(out, char_data, *args, "--init_from=resume", "--optimizer=adamw", "--max_iters=12", check=False)
-    assert proc.returncode == 2 and "optimizer state is for other parameters or another optimizer" in proc.stderr
-    assert "Traceback" not in proc.stderr
+
+
+def test_resuming_with_another_optimizer_is_refused(tmp_path):
+    """A Muon run's checkpoint offered to AdamW alone (what --optimizer=adamw on resume would build)."""
+    from nanogpt_hf.checkpoint import load_optimizer_state, optimizer_state
+    from nanogpt_hf.errors import UserError
+
+    model = tiny_model()
+    muon_state = optimizer_state(model, configure_optimizer(model, TrainConfig(optimizer="muon"))[0])
+    with pytest.raises(UserError, match="optimizer state is for other parameters or another optimizer"):
+        load_optimizer_state(model, configure_optimizer(model, TrainConfig())[0], muon_state, "ckpt")
 
 
 def test_speedrun_options_train_under_ddp(tmp_path, char_data):
@@ -89,7 +96,7 @@ def test_speedrun_options_train_under_ddp(tmp_path, char_data):
 def test_bench_speedrun_races_the_classic_recipe_end_to_end():
     from nanogpt_hf.bench import bench_speedrun
 
-    shrink = ["--max_iters=30", "--lr_decay_iters=30", "--eval_interval=10", "--n_layer=2", "--n_embd=64",
+    shrink = ["--max_iters=20", "--lr_decay_iters=20", "--eval_interval=10", "--n_layer=1", "--n_embd=64",
               "--log_interval=10"]
     result = bench_speedrun(extra=shrink)
     assert result["classic"] == "classic recipe (nanoGPT's settings)"
@@ -98,7 +105,7 @@ def test_bench_speedrun_races_the_classic_recipe_end_to_end():
     assert result["classic_seconds"] > 0 and result["time_ratio"] == pytest.approx(
         result["speedrun_seconds"] / result["classic_seconds"])
     seconds, iteration, loss = result["classic_at_equal_time"] or (0, 0, 0)
-    assert seconds <= result["speedrun_seconds"] and iteration in (0, 10, 20, 30)
+    assert seconds <= result["speedrun_seconds"] and iteration in (0, 10, 20)
 
 
 def test_nanogpt_checkpoint_scores_like_our_model(tmp_path):
