@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -257,13 +258,18 @@ def _prepare_shakespeare_char(folder):
     return os.path.join(folder, "data")
 
 
-def _launch_quickstart(folder, data_dir, *overrides, stderr=subprocess.PIPE, config="train_shakespeare_char_cpu",
-                       out="out"):
-    """`accelerate launch` (one CPU process) of a config (the quickstart's by default) into folder/out, as a
-    Popen. Everything it needs ships with the package, so this works outside a checkout too."""
+def _training_command(config, folder, data_dir, out, *overrides):
+    """`python -m nanogpt_hf.train` of a shipped config into folder/out: everything it needs ships with the package,
+    so this works outside a checkout too."""
+    return [sys.executable, "-m", "nanogpt_hf.train", "--config", config, f"--out_dir={os.path.join(folder, out)}",
+            f"--data_dir={data_dir}", *overrides]
+
+
+def _launch_quickstart(folder, data_dir, *overrides, stderr=subprocess.PIPE):
+    """`accelerate launch` (one CPU process) of the quickstart config into folder/out, as a Popen."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=1", "--num_machines=1",
-           "--mixed_precision=no", "--dynamo_backend=no", "-m", "nanogpt_hf.train", "--config", config,
-           f"--out_dir={os.path.join(folder, out)}", f"--data_dir={data_dir}", *overrides]
+           "--mixed_precision=no", "--dynamo_backend=no",
+           *_training_command("train_shakespeare_char_cpu", folder, data_dir, "out", *overrides)[1:]]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, cwd=folder)
 
 
@@ -323,8 +329,6 @@ def _run_timed(cmd, cwd):
             if m:
                 curve.append((time.perf_counter() - t0, int(m.group(1)), float(m.group(3))))
 
-    import threading
-
     reader = threading.Thread(target=read_stdout, daemon=True)
     reader.start()
     tail = proc.stderr.read().strip().splitlines()[-1:]
@@ -376,11 +380,6 @@ def _classic_run(folder, data_dir, nanogpt_dir, extra=()):
                                                   "--learning_rate=1e-3", "--min_lr=1e-4", *extra), folder)
     return "classic recipe (nanoGPT's settings)", seconds, curve, NanoGPTForCausalLM.from_pretrained(
         os.path.join(folder, "classic"))
-
-
-def _training_command(config, folder, data_dir, out, *overrides):
-    return [sys.executable, "-m", "nanogpt_hf.train", "--config", config, f"--out_dir={os.path.join(folder, out)}",
-            f"--data_dir={data_dir}", *overrides]
 
 
 def bench_speedrun(nanogpt_dir=None, config="speedrun_shakespeare_char_cpu", extra=()):
@@ -451,6 +450,10 @@ def _print(result):
                   f"{result['speedrun_val_loss']:.4f}")
         else:
             print(f"speedrun: at {result['speedrun_seconds']:.1f} s the classic run had not evaluated yet")
+    elif what == "memory":
+        from .memory import format_memory_table
+
+        print(format_memory_table(result["rows"]))
     elif what == "peak":
         print(f"peak {result['dtype']}: {result['flops'] / 1e9:.0f} GFLOP/s ({result['source']})")
 
@@ -528,11 +531,9 @@ def main(argv=None):
     if "speedrun" in whats:
         report(bench_speedrun(args.nanogpt_dir, args.speedrun_config))
     if "memory" in whats:
-        from .memory import format_memory_table, memory_table
+        from .memory import memory_table
 
-        rows = memory_table()
-        results.append({"what": "memory", "rows": rows})
-        print(format_memory_table(rows))
+        report({"what": "memory", "rows": memory_table()})
     if args.profile:
         _profile(shapes[0], device, args.profile)
     if args.json:

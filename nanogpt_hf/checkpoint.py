@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 
-__all__ = ["save_tree", "load_tree", "optimizer_state", "load_optimizer_state", "rng_state", "set_rng_state", "write_manifest", "verify_checkpoint",
-           "checkpoint_dirs", "latest_checkpoint", "prune_checkpoints", "fault_point", "sha256_of", "CKPT_PREFIX",
+__all__ = ["save_tree", "load_tree", "optimizer_state", "load_optimizer_state", "rng_state", "set_rng_state",
+           "write_manifest", "verify_checkpoint", "checkpoint_dirs", "latest_checkpoint", "prune_checkpoints", "fault_point", "sha256_of", "CKPT_PREFIX",
            "MANIFEST"]
 
 CKPT_PREFIX = "ckpt-"

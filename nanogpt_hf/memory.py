@@ -27,24 +27,19 @@ __all__ = ["activation_bytes", "memory_table", "format_memory_table", "launch_fi
 ADAMW_BYTES = 4 + 4 + 4 + 4  # fp32 weight, gradient, exp_avg, exp_avg_sq per parameter
 
 
-def _meta_model(config, dtype):
+def _model(config, dtype, device="meta"):
+    """The model in training mode; on the meta device it has shapes and no storage (any size builds at once)."""
     from .modeling_nanogpt import NanoGPTForCausalLM
 
-    with torch.device("meta"):
+    with torch.device(device):
         return NanoGPTForCausalLM(config).to(dtype).train()
-
-
-def _real_model(config, dtype):
-    from .modeling_nanogpt import NanoGPTForCausalLM
-
-    return NanoGPTForCausalLM(config).to(dtype).train()
 
 
 def activation_bytes(config, dtype=torch.float32, checkpointing=False, batch=1, seq=1024, device="meta",
                      fused_attention=True):
     """Bytes autograd saves for the backward pass of one forward with labels (the trainer's step), counted per
     storage (views of one tensor count once); with fused_attention, as a flash kernel keeps the attention."""
-    model = _meta_model(config, dtype) if device == "meta" else _real_model(config, dtype)
+    model = _model(config, dtype, device)
     if checkpointing:
         enable_activation_checkpointing(model, {"use_reentrant": False})
     sizes = {}
@@ -63,11 +58,6 @@ def activation_bytes(config, dtype=torch.float32, checkpointing=False, batch=1, 
     return sum(n for _, n in sizes.values())
 
 
-def _block_params(config):
-    d = config.n_embd
-    return 12 * d * d + (13 * d if config.bias else 4 * d)  # attention 4d^2, MLP 8d^2, LayerNorms and biases
-
-
 def memory_table(names=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), fsdp_sizes=(2, 4, 8), seq=1024):
     """One row per (model, precision, checkpointing): the parts and the total per GPU for each launch file."""
     from .configuration_nanogpt import GPT2_PRESETS, NanoGPTConfig
@@ -75,17 +65,19 @@ def memory_table(names=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), fsdp_si
     rows = []
     for name in names:
         config = NanoGPTConfig(**GPT2_PRESETS[name], vocab_size=50257, block_size=1024, bias=True, dropout=0.0)
-        n_params = sum(p.numel() for p in _meta_model(config, torch.float32).parameters())
+        model = _model(config, torch.float32)
+        n_params = sum(p.numel() for p in model.parameters())
+        block_params = sum(p.numel() for p in model.transformer.h[0].parameters())  # one FSDP unit
         static = ADAMW_BYTES * n_params
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             full = activation_bytes(config, dtype, False, seq=seq)
+            unit = block_params * dtype.itemsize
+            embedding = config.vocab_size * config.n_embd * dtype.itemsize
             for checkpointing in (False, True):
                 acts = full
                 if checkpointing:  # the saved Block inputs, plus one Block recomputed during backward
                     one_block = (full - activation_bytes(_fewer_layers(config), dtype, False, seq=seq))
                     acts = activation_bytes(config, dtype, True, seq=seq) + one_block
-                unit = _block_params(config) * dtype.itemsize
-                embedding = config.vocab_size * config.n_embd * dtype.itemsize
                 per_gpu = {"1 GPU": static + acts, "DDP": static + 4 * n_params + acts}
                 for n in fsdp_sizes:
                     per_gpu[f"FSDP {n}"] = static / n + 2 * 2 * unit + embedding + acts

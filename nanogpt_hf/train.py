@@ -32,7 +32,7 @@ from .checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
-from .config import load_config, model_options, resumed_config
+from .config import MODEL_KEYS, load_config, model_options, resumed_config
 from .corpus import check_prepared, data_fingerprint, dataset_dir
 from .data import MemmapBatches, StreamingBatches
 from .errors import UserError, cli_main
@@ -45,9 +45,9 @@ from .tracking import Journal, Progress, init_trackers
 
 __all__ = ["main", "train", "get_lr", "TrainState"]
 
-# what a resumed run cannot change (dropout and zero_init_residual can: they do not change the weights' meaning)
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "activation_function", "position_embedding", "norm",
-              "qk_norm", "logit_softcap", "tie_word_embeddings", "vocab_size")
+# what a resumed run cannot change: the model keys but dropout and zero_init_residual (they do not change what the
+# weights mean), and the vocabulary
+SHAPE_KEYS = tuple(k for k in MODEL_KEYS if k not in ("dropout", "zero_init_residual")) + ("vocab_size",)
 
 
 @dataclass
@@ -260,9 +260,9 @@ def configure_optimizer(model, cfg):
     optimizer=muon: the blocks' 2-D weights go to torch.optim.Muon (Jordan et al. 2024) instead, at muon_lr; the
     embeddings, the head, gains and biases stay with AdamW (as in modded-nanogpt). Returns ([optimizers], fused)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # shared (tied) tensors appear once
-    muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".h." in f".{n}"]
-    taken = set(map(id, muon))
-    decay = [p for _, p in named if p.dim() >= 2 and id(p) not in taken]
+    to_muon = [cfg.optimizer == "muon" and p.dim() == 2 and ".h." in f".{n}" for n, p in named]
+    muon = [p for (_, p), m in zip(named, to_muon) if m]
+    decay = [p for (_, p), m in zip(named, to_muon) if p.dim() >= 2 and not m]
     no_decay = [p for _, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
