@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import stat
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from .errors import UserError
 
 __all__ = ["save_tree", "load_tree", "optimizer_state", "load_optimizer_state", "rng_state", "set_rng_state",
            "write_manifest", "verify_checkpoint", "checkpoint_dirs", "latest_checkpoint", "prune_checkpoints", "fault_point", "sha256_of", "CKPT_PREFIX",
-           "MANIFEST"]
+           "MANIFEST", "save_checkpoint"]
 
 CKPT_PREFIX = "ckpt-"
 MANIFEST = "MANIFEST.json"
@@ -245,23 +246,56 @@ def write_manifest(folder):
     os.replace(tmp, os.path.join(folder, MANIFEST))
 
 
+def _refuse(folder, why):
+    raise UserError(f"checkpoint {folder} is damaged or crafted: {why}; resume from another checkpoint")
+
+
+def _checked_files(folder, entries):
+    """{relative path: (path, size, sha256)} of the manifest's entries, each checked to be a plain relative path to a
+    regular file inside the checkpoint, and the folder to hold nothing else: no `..`, no absolute path, no link,
+    no device, no unlisted file. Nothing is opened before every entry passes, so a crafted manifest (a pulled
+    training state naming /dev/zero or ../../secret) is refused at once."""
+    if not isinstance(entries, dict):
+        _refuse(folder, f"{MANIFEST} holds no file list")
+    checked = {}
+    for rel, meta in entries.items():
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if not parts or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+            _refuse(folder, f"{MANIFEST} names {rel!r}, which is not a plain path inside the checkpoint")
+        if not (isinstance(meta, dict) and isinstance(meta.get("size"), int) and isinstance(meta.get("sha256"), str)):
+            _refuse(folder, f"{MANIFEST} has no size and sha256 for {rel}")
+        checked[rel] = (os.path.join(folder, *parts), meta["size"], meta["sha256"])
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                _refuse(folder, f"{rel} is a link or a device, not a file")
+            if stat.S_ISREG(mode) and rel not in checked and rel != MANIFEST:
+                _refuse(folder, f"{rel} is not in its manifest")
+    return checked
+
+
 def verify_checkpoint(folder):
-    """Raises UserError unless every file listed in the manifest is present with its size and sha256."""
+    """Raises UserError unless the folder holds exactly the files its manifest lists, each with its size and sha256."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.exists(path):
         raise UserError(f"{folder} is incomplete (no {MANIFEST}): it was being written when the run stopped")
     try:
         with open(path, encoding="utf-8") as f:
             entries = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is unreadable ({e}); resume from another checkpoint") from e
-    for rel, meta in entries.items():
-        file = os.path.join(folder, rel)
+    files = _checked_files(folder, entries)
+    for rel, (file, size, _) in files.items():
         if not os.path.exists(file):
-            raise UserError(f"checkpoint {folder} is damaged: {rel} is missing; resume from another checkpoint")
-        if os.path.getsize(file) != meta["size"] or sha256_of(file) != meta["sha256"]:
-            raise UserError(f"checkpoint {folder} is damaged: {rel} does not match its manifest (truncated or edited); "
-                            f"resume from another checkpoint")
+            _refuse(folder, f"{rel} is missing")
+        if os.path.getsize(file) != size:
+            _refuse(folder, f"{rel} does not match its manifest (truncated or edited)")
+    for rel, (file, _, digest) in files.items():  # hashing last: every size already matched
+        if sha256_of(file) != digest:
+            _refuse(folder, f"{rel} does not match its manifest (truncated or edited)")
     return folder
 
 
@@ -297,3 +331,74 @@ def prune_checkpoints(ckpt_root, keep_last, best_dir=None):
     for name in os.listdir(ckpt_root):
         if name.startswith(".tmp-"):
             shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ writing one
+def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run, record, keep_last, best=None):
+    """Writes checkpoints/ckpt-N (N = record["iter_num"]; record becomes trainer_state.json) atomically, then makes
+    out_dir's model folder equal to it. `model` is the prepared model (not a torch.compile wrapper: its state dict
+    would carry `_orig_mod.` names). Returns the path, or None when a weight is not finite on some rank: such a state
+    is never written. A full disk or a permission error is one UserError on every rank; the previous checkpoint stays
+    intact. Every rank calls this (under FSDP the shards are gathered)."""
+    from .launch import together
+
+    raw = accelerator.unwrap_model(model, keep_torch_compile=False)
+    finite = torch.tensor(float(all(torch.isfinite(_local(p)).all() for p in raw.parameters())), device=accelerator.device)
+    if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
+        return None
+    final = run.checkpoint_path(record["iter_num"])
+    tmp = os.path.join(run.checkpoints, f".tmp-{os.path.basename(final)}")
+    placed = []  # set once the checkpoint is in place: a later failure is the model folder's refresh alone
+
+    def writing(step):  # a failed write: the temporary folder goes, the error is one line on every rank
+        try:
+            step()
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = getattr(e, "strerror", None) or str(e)
+            if placed:
+                raise UserError(f"checkpoint {final} is complete, but the model folder {run.path} could not be refreshed "
+                                f"from it ({reason}): free disk space, then continue with init_from=auto (the model "
+                                f"folder is restored from the checkpoint at start)") from e
+            previous = run.latest_checkpoint()
+            raise UserError(f"cannot write checkpoint {final} ({reason}); "
+                            f"{'the previous one, ' + previous + ', is intact' if previous else 'nothing was saved'}: "
+                            f"free disk space or fix permissions, then continue with init_from=auto") from e
+
+    def begin():
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            fault_point("checkpoint_begin")  # an empty temporary folder
+
+    def rank_state():
+        save_tree(os.path.join(tmp, f"rank{accelerator.process_index}"), {"rng": rng_state(), "data": train_source.state_dict()})
+
+    def main_part():
+        if not accelerator.is_main_process:
+            return
+        raw.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(os.path.join(tmp, "model"))
+        fault_point("checkpoint")  # half-written: weights there, optimizer and manifest not yet
+        save_tree(os.path.join(tmp, "optimizer"), optimizer_whole)
+        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        fault_point("checkpoint_manifest")  # every file written, no manifest yet
+        write_manifest(tmp)
+        run.put_checkpoint(tmp, final)
+        placed.append(final)
+        fault_point("publish")  # in place, the model folder not yet refreshed: repaired at the next start
+        prune_checkpoints(run.checkpoints, keep_last, best)
+        run.publish_model(final)
+
+    together(accelerator, lambda: writing(begin))
+    together(accelerator, lambda: writing(rank_state))
+    state_dict = accelerator.get_state_dict(model)  # collectives under FSDP: every rank calls them
+    optimizer_whole = optimizer_state(raw, optimizers, keep=accelerator.is_main_process)
+    together(accelerator, lambda: writing(main_part))
+    return final
+
+
+def _local(tensor):
+    """This rank's part of a parameter (FSDP2 shards are DTensors)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -20,10 +20,10 @@ from .configuration_nanogpt import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS
 from .errors import UserError
 
 __all__ = ["TrainConfig", "load_config", "resumed_config", "parse_cli", "resolve_config_path", "help_text", "CONFIGS_DIR",
-           "LOGGERS", "CLI"]
+           "LOGGERS", "CLI", "COMMAND_KEYS", "MODEL_KEYS", "SHAPE_KEYS", "model_options"]
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # shipped with the package
-LOGGERS = ("wandb", "tensorboard")
+LOGGERS = ("wandb", "tensorboard", "trackio")
 CLI = "command line"
 
 
@@ -59,7 +59,10 @@ class TrainConfig:
                                         "model folder | a hub id")
     resume_from: str = setting("", "init_from=resume: a checkpoint, an out_dir or a hub id (default: out_dir)")
     keep_last: int = setting(2, "checkpoints kept besides the best one", "non_negative")
-    allow_data_change: bool = setting(False, "resume even if the data differ from the checkpoint's (sizes, meta.json)")
+    allow_data_change: bool = setting(False, "train on data that differ from the checkpoint's or from meta.json's "
+                                             "fingerprint (sizes, sampled content)")
+    trust_remote_code: bool = setting(False, "run code that a model folder or hub id names (a custom tokenizer): only "
+                                             "for sources you trust")
     # data
     dataset: str = setting("openwebtext", "data/<dataset>/ holding train.bin, val.bin and meta.json (prepare.py)")
     data_dir: str = setting("", "a prepared folder to use instead of data/<dataset>")
@@ -99,6 +102,9 @@ class TrainConfig:
                              choices=("adamw", "muon"))
     muon_lr: float = setting(0.02, "optimizer=muon: max learning rate of the Muon weights", "non_negative")
     muon_momentum: float = setting(0.95, "optimizer=muon: Muon's (Nesterov) momentum", "unit")
+    muon_ns_dtype: str = setting("auto", "optimizer=muon: dtype of Newton-Schulz; auto = bfloat16 where the device "
+                                         "computes it natively (GPUs, CPUs with AVX512-BF16/AMX), else float32",
+                                 choices=("auto", "float32", "bfloat16"))
     learning_rate: float = setting(6e-4, "max learning rate (of AdamW)", "non_negative")
     max_iters: int = setting(600000, "total number of training iterations", "non_negative")
     weight_decay: float = setting(1e-1, "AdamW weight decay of the 2-D weights", "non_negative")
@@ -127,7 +133,7 @@ class TrainConfig:
     wandb_log: bool = setting(False, "log to Weights & Biases (needs WANDB_API_KEY, or WANDB_MODE=offline)")
     wandb_project: str = setting("owt", "W&B project")
     wandb_run_name: str = setting("gpt2", "W&B run name")
-    loggers: list = setting([], "more trackers: wandb, tensorboard (out_dir/log.jsonl is always written)")
+    loggers: list = setting([], "more trackers: wandb, tensorboard, trackio (out_dir/log.jsonl is always written)")
     # hub
     push_to_hub: bool = setting(False, "push the model folder to the Hugging Face Hub")
     hub_model_id: str = setting("", "the Hub repository, e.g. your-name/my-gpt")
@@ -269,6 +275,11 @@ MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "a
               "norm", "qk_norm", "zero_init_residual", "logit_softcap", "tie_word_embeddings")
 
 
+# what a resumed run cannot change: the model keys but dropout and zero_init_residual (they do not change what the
+# weights mean), and the vocabulary
+SHAPE_KEYS = tuple(k for k in MODEL_KEYS if k not in ("dropout", "zero_init_residual")) + ("vocab_size",)
+
+
 def model_options(cfg):
     """The NanoGPTConfig arguments a training config sets (logit_softcap 0 is the model's None)."""
     options = {k: getattr(cfg, k) for k in MODEL_KEYS}
@@ -361,17 +372,39 @@ def load_config(argv=()):
     return validate(cfg, sources), sources
 
 
+# Keys a checkpoint never decides: how this command starts, what it may trust, where it writes and what it publishes
+# (the folder being resumed into, the Hub, trackers' destinations). They come from this command and its YAML only,
+# so a checkpoint made elsewhere (pulled from the Hub, copied from another machine) cannot redirect a run.
+COMMAND_KEYS = ("out_dir", "eval_only", "allow_data_change", "trust_remote_code",
+                "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "hub_push_training_state",
+                "wandb_log", "wandb_project", "wandb_run_name", "loggers")
+
+
+def _in_use(key, saved, cfg):
+    """Whether a COMMAND_KEYS change not asked for on the command line is worth a line: the destinations of what
+    the run or this command publishes or logs to (not the permissions and start mode of this command)."""
+    if key.startswith("hub_"):
+        return saved.get("push_to_hub") or cfg.push_to_hub
+    if key in ("wandb_project", "wandb_run_name"):
+        return saved.get("wandb_log") or cfg.wandb_log or "wandb" in saved.get("loggers", []) + cfg.loggers
+    return key in ("out_dir", "push_to_hub", "wandb_log", "loggers")
+
+
 def resumed_config(saved, cfg, sources):
-    """A resumed run keeps its own resolved config: only the keys given on this command line change it (how this
-    command starts - init_from, resume_from - is not part of the run). Returns (config, sources, {key: (old, new)}
-    for the keys that changed)."""
+    """A resumed run keeps its own resolved config, changed only by the keys given on this command line; the
+    COMMAND_KEYS are always this command's. How this command starts (init_from, resume_from) is not part of the run:
+    the saved config keeps the run's own. Returns (config, sources, {key: (old, new, why)} for what changed)."""
     values = {k: v for k, v in saved.items() if k in FIELDS}  # a key added since the run started keeps its default
     merged_sources = {k: "the resumed run's train_config" for k in values}
-    changed = {}
-    for key, source in sources.items():
-        if source == CLI and key not in ("init_from", "resume_from"):
-            if values.get(key, getattr(TrainConfig(), key)) != getattr(cfg, key):
-                changed[key] = (values.get(key), getattr(cfg, key))
-            values[key] = getattr(cfg, key)
-            merged_sources[key] = CLI
+    saved, changed = dict(values), {}
+    for key in FIELDS:
+        from_command = key in COMMAND_KEYS or sources.get(key) == CLI
+        if not from_command or key in ("init_from", "resume_from"):
+            continue
+        old, new = values.get(key, getattr(TrainConfig(), key)), getattr(cfg, key)
+        if old != new and (sources.get(key) == CLI or _in_use(key, saved, cfg)):
+            changed[key] = (old, new, "from the command line" if sources.get(key) == CLI else
+                            "this command's: a checkpoint never decides where a run writes or what it publishes")
+        values[key] = new
+        merged_sources[key] = sources.get(key, "the defaults")
     return validate(TrainConfig(**values), merged_sources), merged_sources, changed

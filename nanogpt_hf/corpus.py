@@ -12,7 +12,7 @@ import numpy as np
 from .errors import UserError
 from .tokenization import GPT2_EOT, gpt2_encoding
 
-__all__ = ["dataset_dir", "read_meta", "check_prepared", "data_fingerprint", "read_text", "load_documents",
+__all__ = ["dataset_dir", "read_meta", "check_prepared", "content_fingerprint", "data_fingerprint", "read_text", "load_documents",
            "tokenize_batch", "BUILDERS"]
 
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -37,9 +37,12 @@ def read_meta(data_dir):
         raise UserError(f"{path} is unreadable ({e}); run prepare.py again") from e
 
 
-def check_prepared(data_dir):
-    """meta.json, after checking the bins against it: a truncated, replaced or odd-sized bin is one clear error."""
+def check_prepared(data_dir, allow_change=False, warn=None):
+    """meta.json, after checking the bins against it: a truncated, replaced, edited or odd-sized bin is one clear
+    error (an edit that keeps the size is caught by the content fingerprint prepare.py recorded in meta.json;
+    allow_change turns that one into a warning)."""
     meta = read_meta(data_dir)
+    recorded = meta.get("fingerprint") or {}
     for split in ("train", "val"):
         path = os.path.join(data_dir, f"{split}.bin")
         if not os.path.exists(path):
@@ -56,17 +59,43 @@ def check_prepared(data_dir):
         if isinstance(vocab, int) and head.size and int(head.max()) >= vocab:
             raise UserError(f"{path} holds token id {int(head.max())}, outside meta.json's vocabulary of {vocab}: the bin "
                             f"is not what prepare.py wrote; run it again")
+        if split in recorded and recorded[split] != content_fingerprint(path):
+            message = (f"{path} is not the file prepare.py wrote (its content fingerprint differs from meta.json's: "
+                       f"edited or replaced since)")
+            if not allow_change:
+                raise UserError(f"{message}; run prepare.py again, or pass --allow_data_change=true")
+            if warn:
+                warn(f"warning: {message}; continuing (allow_data_change=true)")
     return meta
 
 
+def content_fingerprint(path, samples=64, block=1 << 16):
+    """sha256 of the file's size and of `samples` blocks of `block` bytes spread evenly over it (the first and the
+    last included): a few MB read whatever the size, so it is checked at every start. Any edit of the tokens at
+    large (a re-tokenization, a shifted vocabulary) changes it; a single changed token between samples does not."""
+    import hashlib
+
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(samples):
+            f.seek(0 if samples == 1 else (max(0, size - block) * i) // (samples - 1))
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
 def data_fingerprint(data_dir):
-    """What a checkpoint records of its data (sizes and meta.json), to notice a resume on changed data."""
+    """What a checkpoint records of its data (sizes, sampled content, meta.json), to notice a resume on changed
+    data. Checkpoints written before the content keys compare on the keys they have."""
     import hashlib
 
     with open(os.path.join(data_dir, "meta.json"), "rb") as f:
-        meta_sha = hashlib.sha256(f.read()).hexdigest()
-    sizes = {s: os.path.getsize(os.path.join(data_dir, f"{s}.bin")) for s in ("train", "val")}
-    return {"train_bytes": sizes["train"], "val_bytes": sizes["val"], "meta_sha256": meta_sha}
+        found = {"meta_sha256": hashlib.sha256(f.read()).hexdigest()}
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        found[f"{split}_bytes"] = os.path.getsize(path)
+        found[f"{split}_content"] = content_fingerprint(path)
+    return found
 
 
 def read_text(path):

@@ -14,7 +14,7 @@ import torch
 from .errors import UserError
 from .corpus import load_documents, read_meta, tokenize_batch
 
-__all__ = ["MemmapBatches", "StreamingBatches", "check_bin"]
+__all__ = ["MemmapBatches", "StreamingBatches", "check_bin", "train_batches", "eval_batches"]
 
 
 def check_bin(data_dir, split, block_size):
@@ -39,11 +39,12 @@ class MemmapBatches:
     the same whatever the number of processes (a 2-process run sees exactly the tokens of a 1-process run with
     twice the accumulation), and it is reproducible and resumable independently of dropout or sampling."""
 
-    def __init__(self, data_dir, split, block_size, batch_size, seed, rank=0, world_size=1):
+    def __init__(self, data_dir, split, block_size, batch_size, seed, rank=0, world_size=1, pin=False):
         read_meta(data_dir)  # a folder without meta.json was never completely prepared
         self.path = check_bin(data_dir, split, block_size)
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
+        self.pin = pin  # page-locked batches: a GPU copies them with non_blocking=True while it computes
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self):
@@ -53,7 +54,8 @@ class MemmapBatches:
         ix = torch.randint(len(data) - self.block_size, (self.world_size * self.batch_size,), generator=self.generator)
         ix = ix[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         windows = torch.stack([torch.from_numpy(data[i : i + self.block_size + 1].astype(np.int64)) for i in ix.tolist()])
-        return windows[:, :-1], windows[:, 1:]  # (B, T) inputs, (B, T) targets
+        x, y = windows[:, :-1], windows[:, 1:]  # (B, T) inputs, (B, T) targets
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}
@@ -131,3 +133,26 @@ class StreamingBatches:
 
 def _tokenize_column(batch, text_column):
     return {"ids": tokenize_batch(batch[text_column])}
+
+
+# ------------------------------------------------------------------------------------------ the trainer's sources
+def _streaming(cfg, files, split, rank, world, log):
+    return StreamingBatches(cfg.block_size, cfg.batch_size, dataset=cfg.stream_dataset or None, files=files or None,
+                            split=split, text_column=cfg.stream_text_column, rank=rank, world_size=world, log=log)
+
+
+def train_batches(cfg, data_dir, rank, world, pin, log):
+    """The training batches of a run (its position is part of every checkpoint)."""
+    if cfg.data_source == "streaming":
+        return _streaming(cfg, cfg.stream_files, cfg.stream_split, rank, world, log)
+    return MemmapBatches(data_dir, "train", cfg.block_size, cfg.batch_size, cfg.seed, rank, world, pin)
+
+
+def eval_batches(cfg, data_dir, split, iter_num, rank, world, pin):
+    """A fresh source per evaluation: deterministic (no training state to save), different at each eval."""
+    if cfg.data_source == "streaming":
+        files = cfg.stream_val_files if split == "val" else cfg.stream_files
+        stream_split = cfg.stream_split if split == "train" or cfg.stream_val_files else cfg.stream_val_split
+        return _streaming(cfg, files, "train" if files else stream_split, rank, world, lambda m: None)
+    seed = cfg.seed * 1_000_003 + iter_num * 2 + (split == "val")
+    return MemmapBatches(data_dir, split, cfg.block_size, cfg.batch_size, seed, rank, world, pin)

@@ -9,7 +9,13 @@ __all__ = ["UserError", "cli_main"]
 
 
 class UserError(Exception):
-    """A problem with the user's input (config, data, checkpoint, prompt, flag): the message says how to fix it."""
+    """A problem with the user's input (config, data, checkpoint, prompt, flag): the message says how to fix it.
+    Every rank of a multi-process run meets the same ones, so rank 0 alone prints them; every_rank=True is for what
+    one rank alone knows (its peer died under it)."""
+
+    def __init__(self, message, every_rank=False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def cli_main(main):
@@ -29,7 +35,7 @@ def cli_main(main):
             result = main(*args, **kwargs)
             return result if args or kwargs else None
         except UserError as e:
-            _say(f"error: {e}")
+            _say(f"error: {e}", e.every_rank)
             sys.exit(2)
         except KeyboardInterrupt:
             _say("interrupted")
@@ -38,10 +44,10 @@ def cli_main(main):
     return wrapper
 
 
-def _say(message):
+def _say(message, every_rank=False):
     """One line on stderr, from one process of a multi-process run (every rank leaves with the same error), and
     through tqdm so it never lands on a progress bar's line."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0 and not every_rank:
         # the launcher stops every worker when the first one exits: rank 0 must get to print the line first
         time.sleep(3)
         return

@@ -1,58 +1,97 @@
 """Peak FLOP/s for MFU (a table of dense bf16/fp16 tensor-core peaks for GPUs, a measured matmul rate on CPU),
-the CPU allocator setting the trainer and the benchmark use, and the --device flag of the scripts."""
+whether a device computes bf16 natively, the CPU allocator setting the trainer and the benchmark use, and the
+--device flag of the scripts."""
 
 import ctypes
 import ctypes.util
+import functools
+import os
+import re
 import time
 
 import torch
 
 from .errors import UserError
 
-__all__ = ["GPU_PEAK_FLOPS", "peak_flops", "measured_matmul_flops", "keep_freed_memory_mapped", "resolve_device"]
+__all__ = ["GPU_PEAK_FLOPS", "gpu_peak_flops", "peak_flops", "measured_matmul_flops", "native_bf16",
+           "keep_freed_memory_mapped", "resolve_device"]
 
-# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s.
-GPU_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is 756e12
-    "A100": 312e12,  # nanoGPT's figure
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10G": 70e12,
-    "A10": 125e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,
-    "T4": 65e12,
-}
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s, by a word of the name torch
+# reports. The first match wins, so each variant comes before its family ("NVIDIA H100 80GB HBM3" is the SXM card,
+# "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are not). A GPU not listed has no known peak: its MFU is reported as
+# unknown rather than guessed (the A100's figure would overstate an L4's MFU ~2.6x).
+GPU_PEAK_FLOPS = (
+    ("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800", 989e12),
+    ("GB200", 2500e12), ("B200", 2250e12), ("B100", 1750e12),
+    ("A100", 312e12), ("A800", 312e12),  # nanoGPT's reference figure
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+    ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+)
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: bf16 matmuls are then emulated even on a CPU with it
+_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
-def measured_matmul_flops(n=2048, repeats=3, dtype=torch.float32):
-    """Best observed rate of an n^3 matmul on the CPU (the practical peak on a shared machine)."""
+def gpu_peak_flops(name):
+    """The table's peak for a GPU name as torch reports it, or None for a GPU the table does not know."""
+    for key, flops in GPU_PEAK_FLOPS:
+        if re.search(rf"(^|[\s-]){re.escape(key)}([\s-]|$)", name):
+            return flops
+    return None
+
+
+def measured_matmul_flops(dtype=torch.float32, max_n=2048, budget_s=0.3, repeats=3):
+    """Best observed rate of a square matmul on the CPU (the practical peak on a shared machine). The size doubles
+    from 256 up to max_n only while the next size fits the time budget, so a dtype the CPU emulates (bf16 without
+    AVX512-BF16/AMX: ~50x slower than fp32) costs a fraction of a second, not minutes."""
     g = torch.Generator().manual_seed(0)  # private: measuring must not move the training RNG streams
-    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    n, rate = 256, 0.0
+    while True:
+        a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        rate = 2 * n**3 / best
+        if n >= max_n or best * 8 * (repeats + 1) > budget_s:  # the next size costs 8x per matmul
+            return rate
+        n *= 2
 
 
 def peak_flops(device, override=None, dtype=torch.float32):
-    """FLOP/s that MFU is measured against: override, else the GPU's table entry (bf16/fp16), else the rate of
-    a dtype matmul measured on the CPU (bf16 on a CPU with AMX is several times its fp32 rate)."""
+    """FLOP/s that MFU is measured against: override, else the GPU's table entry (bf16/fp16; None for a GPU the
+    table does not know), else the rate of a dtype matmul measured on the CPU."""
     if override:
         return float(override)
     device = torch.device(device)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
-        return 312e12  # unknown GPU: nanoGPT's A100 reference
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
     return measured_matmul_flops(dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    except OSError:  # not Linux: no flags to read
+        return set()
+
+
+def native_bf16(device):
+    """Whether the device computes bf16 matmuls natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX
+    that oneDNN is allowed to use. Decided from the hardware, not timed, so every process of a run agrees.
+    Elsewhere bf16 is emulated through fp32 and several times slower (measured 23x for Muon's Newton-Schulz with
+    oneDNN limited to AVX2; docs/speedrun.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    return isa not in _NO_BF16_ISAS and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 def keep_freed_memory_mapped():

@@ -6,7 +6,6 @@ plain python), never by the trainer: this module only checks that the launcher g
 
 import contextlib
 import ctypes
-import dataclasses
 import datetime
 import math
 import os
@@ -18,7 +17,8 @@ import torch
 from .errors import UserError
 from .hardware import keep_freed_memory_mapped
 
-__all__ = ["make_accelerator", "round_accumulation", "together", "finish", "StopSignals"]
+__all__ = ["make_accelerator", "check_launch", "launched_world_size", "on_gpu", "round_accumulation", "together", "finish",
+           "StopSignals"]
 
 
 def _precision(dtype, on_gpu, warn):
@@ -50,40 +50,93 @@ def _die_with_parent():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def make_accelerator(cfg, trackers):
-    """The Accelerator for cfg.device/dtype. On CPU, cpu=True under a multi-process launcher gives real DDP over
-    gloo (MULTI_CPU); see PLATFORM_NOTES. Returns (accelerator, cfg, warnings): cfg with the accumulation rounded
-    to the process count, warnings for the main process to show."""
-    from accelerate import Accelerator, PartialState
+def launched_world_size():
+    """The number of processes the launcher started (torchrun and accelerate launch set WORLD_SIZE): known before any
+    process group exists, so the run's config can be resolved for it first."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
-    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+
+def on_gpu(cfg):
+    return cfg.device != "cpu" and torch.cuda.is_available()
+
+
+def check_launch(cfg):
+    """Launch mistakes that would otherwise train the wrong thing silently, refused before anything else."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda, but no CUDA GPU is visible; use device=auto or device=cpu")
     _check_launch_file_device(cfg)
+    _check_single_process_launch()
+
+
+def make_accelerator(cfg, trackers):
+    """The Accelerator for the resolved cfg (its accumulation already a multiple of the process count). On CPU,
+    cpu=True under a multi-process launcher gives real DDP over gloo (MULTI_CPU); see PLATFORM_NOTES. Under an FSDP
+    launch file, PyTorch's FSDP2 with Accelerate's preparation, gradients reduced in fp32. Returns (accelerator,
+    warnings for the main process to show)."""
+    from accelerate import Accelerator, PartialState
+
+    gpu = on_gpu(cfg)
     _die_with_parent()
-    _join_elastic_restart(on_gpu)
+    _join_elastic_restart(gpu)
     try:
-        state = PartialState(cpu=not on_gpu)
+        state = PartialState(cpu=not gpu)
     except ValueError as e:  # e.g. WORLD_SIZE set by hand without MASTER_ADDR
         raise UserError(f"cannot join the process group: {str(e).splitlines()[0]} (launch with accelerate launch or "
                         f"torchrun)") from e
     world = state.num_processes
     _check_world_size(world)
     warnings = []
-    gas = round_accumulation(cfg.gradient_accumulation_steps, world)
-    if gas != cfg.gradient_accumulation_steps:
-        warnings.append(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not a multiple of the {world} "
-                        f"processes: using {gas} ({gas * cfg.batch_size * cfg.block_size:,} tokens per iteration)")
-        cfg = dataclasses.replace(cfg, gradient_accumulation_steps=gas)
-    if not on_gpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and not gpu and os.environ.get(FSDP_ON_CPU) == "1":
+        # TEST SEAM (tests/test_fsdp_trainer.py): Accelerate picks FSDP only for GPU process groups; this one line
+        # lets its own FSDP2 preparation run on a gloo CPU group. Nothing else about the run changes.
+        from accelerate.utils import DistributedType
+
+        state.distributed_type = DistributedType.MULTI_GPU
+    elif fsdp and not gpu:
+        fsdp = False
         warnings.append("this launch file asks for FSDP, which Accelerate runs on GPUs only: the CPU processes train "
                         "with DDP (every process holds the whole model)")
-    precision = _precision(cfg.dtype, on_gpu, warnings.append)
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision, gradient_accumulation_steps=gas // world,
-                              log_with=trackers or None, project_dir=cfg.out_dir)
-    if not on_gpu:
+    precision = _precision(cfg.dtype, gpu, warnings.append)
+    if gpu:  # TF32 matmuls for fp32 work on Ampere and newer (nanoGPT sets the same)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    accelerator = Accelerator(cpu=not gpu, mixed_precision=precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps // world,
+                              log_with=trackers or None, project_dir=cfg.out_dir,
+                              fsdp_plugin=_fsdp_plugin(precision) if fsdp else None)
+    if not gpu:
         keep_freed_memory_mapped()  # no per-step page faults for the step's big temporaries (hardware.py)
-    return accelerator, cfg, warnings
+    return accelerator, warnings
+
+
+FSDP_ON_CPU = "NANOGPT_TEST_FSDP_ON_CPU"
+
+
+def _fsdp_plugin(precision):
+    """FSDP2 settings from the launch file (Accelerate reads its FSDP_* variables), with one change to Accelerate's
+    mixed precision: parameters are gathered in bf16/fp16 for compute, but gradients are reduced (and accumulated
+    across micro-steps) in fp32, and outputs are not cast, so the loss (computed in fp32 by transformers' loss
+    function) is not rounded to bf16 and no fp32 copy of the logits is made."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=None)
+    return FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=policy)
+
+
+def _check_single_process_launch():
+    """`accelerate launch` of a config asking for several CPU processes (distributed_type MULTI_CPU, what `accelerate
+    config` writes for "multi-CPU"; or --cpu --num_processes N) starts ONE plain process unless mpirun is configured:
+    its simple launcher exports MASTER_ADDR for the processes it meant to start but no WORLD_SIZE. Stop instead of
+    training alone."""
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env and "LOCAL_RANK" not in env:
+        raise UserError("this accelerate launch asked for several processes but started one (Accelerate's MULTI_CPU "
+                        "launch runs a single process unless mpirun is configured): for DDP on CPUs use "
+                        "`accelerate launch --config_file accelerate_configs/cpu_ddp.yaml` or `torchrun "
+                        "--nproc_per_node N`; for one process, a config with num_processes: 1")
 
 
 def _check_launch_file_device(cfg):

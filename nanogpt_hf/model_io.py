@@ -14,8 +14,8 @@ from safetensors import SafetensorError
 
 from .errors import UserError
 
-__all__ = ["GPT2_NAMES", "is_gpt2_name", "looks_like_hub_id", "save_model_folder", "load_model", "load_model_and_tokenizer", "from_pretrained_strict",
-           "enable_activation_checkpointing"]
+__all__ = ["GPT2_NAMES", "is_gpt2_name", "looks_like_hub_id", "save_model_folder", "load_model", "load_model_and_tokenizer",
+           "from_pretrained_strict", "model_config_of", "enable_activation_checkpointing"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -100,28 +100,63 @@ def from_pretrained_strict(folder, **kwargs):
     return model
 
 
-def _model_type(name_or_path):
+def _fetch_file(name_or_path, filename, required=True):
+    """A file of a local folder or a Hub repository (downloaded), or None where it has none and required is False."""
     if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, "config.json")
-    elif not looks_like_hub_id(name_or_path):
+        path = os.path.join(name_or_path, filename)
+        return path if os.path.exists(path) or required else None
+    if not looks_like_hub_id(name_or_path):
         raise UserError(f"{name_or_path}: no such model folder (a Hub model id looks like owner/name)")
-    else:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-        try:
-            path = hf_hub_download(name_or_path, "config.json")
-        except Exception as e:  # offline, unknown repo, no such file: all one answer for the user
-            raise UserError(f"{name_or_path}: not a local folder, and the Hub did not give its config.json "
-                            f"({type(e).__name__}); check the name or the network") from e
+    try:
+        return hf_hub_download(name_or_path, filename)
+    except EntryNotFoundError:
+        if not required:
+            return None
+        raise UserError(f"{name_or_path}: the Hub repository has no {filename}") from None
+    except Exception as e:  # offline, unknown repo: all one answer for the user
+        raise UserError(f"{name_or_path}: not a local folder, and the Hub did not give its {filename} "
+                        f"({type(e).__name__}); check the name or the network") from e
+
+
+def _read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f).get("model_type")
+            return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable config ({e})") from e
+        raise UserError(f"{path}: unreadable ({e})") from e
 
 
-def load_model_and_tokenizer(name_or_path, **kwargs):
-    """Model plus its tokenizer: the folder's own, or the GPT-2 BPE one for gpt2* and GPT-2 folders."""
+def _model_type(name_or_path):
+    return _read_json(_fetch_file(name_or_path, "config.json")).get("model_type")
+
+
+def model_config_of(name_or_path):
+    """The NanoGPTConfig a model source would load with, read from its config.json alone (no weights): how the
+    trainer knows a finetune's shape before anything is built."""
+    from .configuration_nanogpt import GPT2_PRESETS, NanoGPTConfig
+    from .gpt2_conversion import nanogpt_config_from_gpt2
+
+    if is_gpt2_name(name_or_path):  # OpenAI's four: nanoGPT's table (vocab 50257, context 1024, biases, tanh GELU)
+        preset = GPT2_PRESETS[name_or_path.removeprefix("openai-community/")]
+        return nanogpt_config_from_gpt2({**preset, "vocab_size": 50257, "n_positions": 1024})
+    raw = _read_json(_fetch_file(name_or_path, "config.json"))
+    try:
+        if raw.get("model_type") == "gpt2":
+            return nanogpt_config_from_gpt2(raw)
+        if raw.get("model_type") == "nanogpt":
+            return NanoGPTConfig.from_dict(raw)
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{name_or_path}: its config.json is not a valid model config ({e})") from e
+    raise UserError(f"{name_or_path}: model_type {raw.get('model_type')!r} is neither nanogpt nor gpt2")
+
+
+def load_model_and_tokenizer(name_or_path, trust_remote_code=False, **kwargs):
+    """Model plus its tokenizer: the folder's own, or the GPT-2 BPE one for gpt2* and GPT-2 folders. The model is
+    always built with this package's classes (a folder's own modeling code never runs); a tokenizer whose folder
+    names code of its own loads only with trust_remote_code=True."""
     from .tokenization import gpt2_hf_tokenizer, load_tokenizer
 
     model = load_model(name_or_path, **kwargs)
@@ -130,7 +165,8 @@ def load_model_and_tokenizer(name_or_path, **kwargs):
     folder = name_or_path if os.path.isdir(name_or_path) else None
     has_tokenizer = folder is None or any(
         os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(name_or_path) if has_tokenizer else gpt2_hf_tokenizer(model.config.block_size)
+    tokenizer = (load_tokenizer(name_or_path, trust_remote_code) if has_tokenizer
+                 else gpt2_hf_tokenizer(model.config.block_size))
     return model, tokenizer
 
 

@@ -415,10 +415,14 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         )
         return result if return_dict else result.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
         """transformers' preparation, plus nanoGPT's context crop: once the sequence would outgrow block_size,
-        condition on its last block_size tokens, recomputed from an empty cache (nanoGPT's `idx[:, -block_size:]`)."""
-        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        condition on its last block_size tokens, recomputed from an empty cache (nanoGPT's `idx[:, -block_size:]`).
+
+        `inputs_embeds` is a named parameter because transformers decides from this signature whether a model can
+        generate from embeddings (prompt tuning, soft prompts, multimodal adapters): as GPT2LMHeadModel does, the
+        embeddings feed the first step and the generated ids every later one."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         new_ids = inputs.get("input_ids")
         cache = inputs.get("cache", inputs.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None else 0
@@ -429,11 +433,12 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             cache.reset()  # a static cache: its slots are overwritten from position 0 again
         elif past:
             cache.crop(-past)  # a dynamic cache: emptied (transformers 5.x, old and new crop semantics alike)
+        # the known ids (after an embeddings prompt, only the generated ones: its embeddings cannot be recomputed)
         inputs["input_ids"] = input_ids[:, -block_size:].contiguous()
         mask = kwargs.get("attention_mask")
         inputs.pop("position_ids", None)  # recomputed from the cropped mask
         if mask is not None and mask.dim() == 2:
-            inputs["attention_mask"] = mask[:, -block_size:].contiguous()
+            inputs["attention_mask"] = mask[:, -inputs["input_ids"].size(1):].contiguous()
         else:
             inputs.pop("attention_mask", None)
         return inputs
@@ -458,10 +463,15 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs (forward + backward) per token, PaLM paper Appendix B (https://arxiv.org/abs/2204.02311),
-        as in nanoGPT's estimate_mfu: 6N for the matmuls with weights plus 12 * L * H * Q * T for attention."""
+        as in nanoGPT's estimate_mfu: 6N for the matmuls with weights plus 12 * L * H * Q * T for attention. N counts
+        the weights that multiply: not the position table, and with an untied head not the input embedding either
+        (a lookup; the head is the matmul). With a tied one the shared matrix is counted once, as the head."""
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len or cfg.block_size
-        return 6 * self.get_num_params() + 12 * L * H * Q * T
+        N = self.get_num_params()
+        if not cfg.tie_word_embeddings:
+            N -= self.transformer.wte.weight.numel()
+        return 6 * N + 12 * L * H * Q * T
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12, seq_len=None):
         """Model FLOPs utilization: achieved FLOP/s as a fraction of peak_flops (default A100 bf16, nanoGPT's)."""

@@ -20,7 +20,7 @@ import urllib.request
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpus import load_documents, read_text, tokenize_batch
+from .corpus import content_fingerprint, load_documents, read_text, tokenize_batch
 from .errors import UserError, cli_main
 from .fileio import atomic_path
 from .tokenization import ASSETS, GPT2_EOT, char_tokenizer, gpt2_encoding
@@ -113,9 +113,15 @@ def _finish(out_dir, train_ids, val_ids, tokenizer, vocab_size, source, extra=No
                 val_tokens=len(val_ids), source=source, **(extra or {}))
     if tokenizer == "gpt2":
         meta["eot_token"] = GPT2_EOT
+    meta["fingerprint"] = _fingerprints(out_dir)
     write_json(os.path.join(out_dir, "meta.json"), meta)  # last: its presence means the bins are complete
     print(f"{out_dir}: train has {len(train_ids):,} tokens, val has {len(val_ids):,} tokens (vocab {vocab_size})")
     return meta
+
+
+def _fingerprints(out_dir):
+    """The content fingerprint of each bin as written (corpus.content_fingerprint): a later edit is noticed."""
+    return {split: content_fingerprint(os.path.join(out_dir, f"{split}.bin")) for split in ("train", "val")}
 
 
 def _tokenize_examples(batch, text_column):
@@ -144,7 +150,8 @@ def prepare_documents(out_dir, dataset=None, files=None, text_column="text", num
         if counts[name] < 2:
             raise UserError(f"{source}: the {name} split has {counts[name]} tokens; give a longer corpus")
     meta = dict(tokenizer="gpt2", vocab_size=gpt2_encoding().n_vocab, dtype="uint16", train_tokens=counts["train"],
-                val_tokens=counts["val"], source=source, eot_token=GPT2_EOT, test_size=test_size, seed=seed)
+                val_tokens=counts["val"], source=source, eot_token=GPT2_EOT, test_size=test_size, seed=seed,
+                fingerprint=_fingerprints(out_dir))
     write_json(os.path.join(out_dir, "meta.json"), meta)
     print(f"{out_dir}: train has {counts['train']:,} tokens, val has {counts['val']:,} tokens")
     return meta

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 
@@ -28,6 +29,8 @@ from .fileio import atomic_path
 __all__ = ["RunDir"]
 
 MODEL_TMP_PREFIX = ".model-tmp-"
+TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"  # a checkpoint being written; an older copy being replaced
+ATOMIC_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # fileio.atomic_path's temporary names
 
 
 class RunDir:
@@ -98,15 +101,52 @@ class RunDir:
         return st.f_bavail * st.f_frsize
 
     def clean_leftovers(self):
-        """Removes what interrupted writes left: temporary model folders and unfinished checkpoints."""
-        removed = []
-        for root, prefix in ((self.path, MODEL_TMP_PREFIX), (self.checkpoints, ".tmp-")):
-            if os.path.isdir(root):
-                for name in os.listdir(root):
-                    if name.startswith(prefix):
-                        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-                        removed.append(name)
-        return removed
+        """Finishes or removes what interrupted writes left; returns one line per thing done. A complete checkpoint
+        (manifest written) whose rename into place was interrupted is put in place; an older copy of the same
+        iteration set aside during that rename is removed, or put back when the new one never arrived; temporary
+        model folders, unfinished checkpoints and half-written journal or config files are removed."""
+        done = []
+        if os.path.isdir(self.checkpoints):
+            for name in sorted(os.listdir(self.checkpoints)):
+                path = os.path.join(self.checkpoints, name)
+                final = os.path.join(self.checkpoints, name.split("-", 1)[-1])
+                if name.startswith(TMP_PREFIX) and os.path.exists(os.path.join(path, MANIFEST)) and not os.path.exists(final):
+                    os.replace(path, final)
+                    done.append(f"put {os.path.basename(final)} in place (complete; its rename had been interrupted)")
+                elif name.startswith(TMP_PREFIX):
+                    shutil.rmtree(path, ignore_errors=True)
+                    done.append(f"removed {name}, left by an interrupted write")
+            for name in sorted(os.listdir(self.checkpoints)):  # after the above: the new copy is in place if it exists
+                if name.startswith(OLD_PREFIX):
+                    path, final = os.path.join(self.checkpoints, name), os.path.join(self.checkpoints, name[len(OLD_PREFIX):])
+                    if os.path.exists(final):
+                        shutil.rmtree(path, ignore_errors=True)
+                        done.append(f"removed {name}, replaced by a newer copy of the same iteration")
+                    else:
+                        os.replace(path, final)
+                        done.append(f"restored {os.path.basename(final)}, whose replacement was interrupted")
+        if os.path.isdir(self.path):
+            for name in os.listdir(self.path):
+                path = os.path.join(self.path, name)
+                if name.startswith(MODEL_TMP_PREFIX) or ATOMIC_LEFTOVER.fullmatch(name):
+                    if os.path.isdir(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.remove(path)
+                    done.append(f"removed {name}, left by an interrupted write")
+        return done
+
+    def put_checkpoint(self, tmp, final):
+        """Renames a complete checkpoint folder into place. The same iteration saved again (a rerun from an older
+        checkpoint) replaces the old copy without a moment where neither is whole: the old one is set aside first,
+        removed last, and clean_leftovers finishes the job after a crash in between."""
+        old = os.path.join(self.checkpoints, OLD_PREFIX + os.path.basename(final))
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            fault_point("replace")  # the old copy set aside, the new one not yet in place
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ journal
     def read_log(self, warn=None):
@@ -161,17 +201,21 @@ class RunDir:
         os.rmdir(tmp)
 
     def model_is_current(self):
-        """Whether out_dir's model files are the newest checkpoint's, every one (through the checkpoint's manifest)."""
+        """Whether out_dir's model files are the newest checkpoint's, every one (through the checkpoint's manifest).
+        A newest checkpoint whose manifest is unreadable cannot say: the model folder is left as it is (True)."""
         ckpt = self.latest_checkpoint()
         if ckpt is None:
             return True
-        with open(os.path.join(ckpt, MANIFEST), encoding="utf-8") as f:
-            files = json.load(f)["files"]
-        prefix = "model" + os.sep
+        try:
+            with open(os.path.join(ckpt, MANIFEST), encoding="utf-8") as f:
+                files = dict(json.load(f)["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+        prefix = "model/"
         for rel, meta in files.items():
-            if rel.startswith(prefix):
+            if isinstance(rel, str) and isinstance(meta, dict) and rel.startswith(prefix) and "/" not in rel[len(prefix):]:
                 mine = os.path.join(self.path, rel[len(prefix):])
-                if not os.path.exists(mine) or os.path.getsize(mine) != meta["size"] or sha256_of(mine) != meta["sha256"]:
+                if not os.path.isfile(mine) or os.path.getsize(mine) != meta.get("size") or sha256_of(mine) != meta.get("sha256"):
                     return False
         return True
 

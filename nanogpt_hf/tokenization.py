@@ -11,7 +11,7 @@ import os
 from .errors import UserError
 
 __all__ = ["GPT2_EOT", "CHAR_PAD", "CHAR_EOT", "gpt2_files", "gpt2_encoding", "gpt2_hf_tokenizer", "char_tokenizer",
-           "char_vocabulary", "encode_text", "load_tokenizer", "tokenizer_signature", "meta_signature", "check_same_vocabulary"]
+           "char_vocabulary", "encode_text", "load_tokenizer", "tokenizer_code", "tokenizer_signature", "meta_signature", "check_same_vocabulary"]
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 GPT2_EOT = 50256  # <|endoftext|>
@@ -116,10 +116,36 @@ def encode_text(tokenizer, text):
     return [stoi[ch] for ch in text]
 
 
-def load_tokenizer(folder, trust_remote_code=True):
-    """The tokenizer saved in a model or data folder (BPE or char), with a clear error where there is none."""
+# tokenizer classes this package provides itself: a folder naming them runs no code of its own
+OWN_TOKENIZERS = ("NanoGPTCharTokenizer", "PreTrainedTokenizerFast", "GPT2TokenizerFast", "GPT2Tokenizer")
+
+
+def tokenizer_code(name_or_path):
+    """The code files a folder's (or hub id's) tokenizer_config.json names through auto_map, besides this package's
+    own tokenizer classes; [] when it names none."""
+    from .model_io import _fetch_file, _read_json
+
+    path = _fetch_file(name_or_path, "tokenizer_config.json", required=False)
+    if path is None or not os.path.exists(path):
+        return []
+    entries = (_read_json(path).get("auto_map") or {}).get("AutoTokenizer") or []
+    entries = [entries] if isinstance(entries, str) else entries
+    return sorted({e.split(".")[0] + ".py" for e in entries
+                   if isinstance(e, str) and e.rsplit(".", 1)[-1] not in OWN_TOKENIZERS})
+
+
+def load_tokenizer(folder, trust_remote_code=False):
+    """The tokenizer saved in a model or data folder (BPE or char), with a clear error where there is none. Code
+    the folder names runs only with trust_remote_code=True: our own folders need none (stock classes, and the 0.1
+    char tokenizer is this package's class)."""
     from transformers import AutoTokenizer
 
+    import nanogpt_hf  # noqa: F401  registers our classes, so our folders load without their copied code
+
+    code = tokenizer_code(folder)
+    if code and not trust_remote_code:
+        raise UserError(f"{folder}: its tokenizer is custom code ({', '.join(code)}), which runs only with "
+                        f"--trust_remote_code=true: pass it if you trust this source")
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -42,12 +42,14 @@ class Progress:
             self.bar.update(1)
 
     def report(self, iter_num, loss, lr, dt, mfu):
-        """The log_interval line: in the bar's postfix in a terminal, as nanoGPT's line elsewhere."""
+        """The log_interval line: in the bar's postfix in a terminal, as nanoGPT's line elsewhere. mfu None: the
+        device's peak is unknown (a GPU missing from hardware.GPU_PEAK_FLOPS)."""
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ms=f"{dt * 1000:.1f}", mfu=f"{mfu * 100:.1f}%",
-                                 refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ms=f"{dt * 1000:.1f}",
+                                 mfu="n/a" if mfu is None else f"{mfu * 100:.1f}%", refresh=False)
         else:
-            self.write(f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, mfu {mfu * 100:.2f}%")
+            mfu_text = "n/a (unknown device peak)" if mfu is None else f"{mfu * 100:.2f}%"
+            self.write(f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}")
 
     def close(self):
         if self.bar is not None:
@@ -56,23 +58,36 @@ class Progress:
 
 
 class Journal:
-    """out_dir/log.jsonl (always) plus Accelerate's trackers (W&B, TensorBoard), written by the main process."""
+    """out_dir/log.jsonl (always) plus Accelerate's trackers (W&B, TensorBoard, trackio), written by the main process.
+    A failed write (disk full) does not raise here, where the other ranks would not know: `failed` holds the message
+    and the trainer stops every rank at its next agreement."""
 
     def __init__(self, accelerator, run_dir):
         self.accelerator = accelerator
+        self.path = run_dir.log_path
         self.file = run_dir.open_log() if accelerator.is_main_process else None
+        self.failed = None
 
     def log(self, record):
         if self.file is None:
             return
         fault_point("log")
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            self.file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            self.failed = (f"cannot write the journal {self.path} ({e.strerror or e}): free disk space, then continue "
+                           f"with init_from=auto (the last checkpoint is intact)")
+            self.close()
+            return
         if self.accelerator.log_with:
-            self.accelerator.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+            self.accelerator.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
 
     def close(self):
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the line buffer could not be flushed: already reported by log()
+                pass
             self.file = None
 
 

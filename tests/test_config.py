@@ -103,14 +103,30 @@ def test_bad_value_in_a_file_names_the_file(tmp_path, capsys):
 
 
 def test_resume_keeps_the_runs_config_and_takes_only_command_line_keys():
-    saved = TrainConfig(learning_rate=3e-3, max_iters=100, n_layer=4).to_dict()  # the run's own resolved config
+    saved = TrainConfig(learning_rate=3e-3, max_iters=100, n_layer=4, out_dir="out-shakespeare-char").to_dict()
     cfg, sources = load_config(["--config", "train_shakespeare_char_cpu", "--max_iters=200"])  # YAML says 3e-3 too
     cfg = dataclasses.replace(cfg, learning_rate=1e-3)  # as if the YAML had been edited since
     merged, _, changed = resumed_config(saved, cfg, sources)
     assert merged.learning_rate == 3e-3 and merged.max_iters == 200  # the YAML does not revert the run's values
-    assert changed == {"max_iters": (100, 200)}
+    assert changed == {"max_iters": (100, 200, "from the command line")}
     with pytest.raises(UserError, match="min_lr"):
         resumed_config(saved, *load_config(["--min_lr=1.0"]))
+
+
+def test_a_checkpoints_config_never_decides_where_the_run_writes_or_what_it_publishes():
+    """A training state made elsewhere (pulled from the Hub, copied from another machine) names another out_dir, a
+    public push and W&B: the resume command's own values win, and the changes that matter are printed."""
+    saved = TrainConfig(out_dir="/elsewhere", push_to_hub=True, hub_model_id="someone/else", hub_private=False,
+                        wandb_log=True, wandb_project="theirs", trust_remote_code=True, allow_data_change=True,
+                        learning_rate=3e-3).to_dict()
+    cfg, sources = load_config(["--init_from=resume", "--out_dir=mine"])
+    merged, _, changed = resumed_config(saved, cfg, sources)
+    assert (merged.out_dir, merged.push_to_hub, merged.hub_model_id, merged.hub_private) == ("mine", False, "", True)
+    assert (merged.wandb_log, merged.wandb_project, merged.trust_remote_code, merged.allow_data_change) == (
+        False, "owt", False, False)
+    assert merged.learning_rate == 3e-3  # what defines the run stays the checkpoint's
+    assert set(changed) == {"out_dir", "push_to_hub", "hub_model_id", "hub_private", "wandb_log", "wandb_project"}
+    assert "never decides" in changed["push_to_hub"][2] and changed["out_dir"][2] == "from the command line"
 
 
 def test_every_shipped_config_loads():

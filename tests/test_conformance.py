@@ -206,6 +206,54 @@ def test_6_inputs_embeds_equal_input_ids(tiny):
         tiny(x, inputs_embeds=embeds)
 
 
+def _lively(seed=11, **overrides):
+    """A tiny model whose greedy continuations vary (GPT-2's 0.02 init makes a random one repeat one token)."""
+    model = tiny_model(seed=seed, block_size=64, **overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(25) if p.dim() == 2 else None
+    return model
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_6_generate_from_inputs_embeds_equals_gpt2(cache):
+    """generate(inputs_embeds=...) as GPT2LMHeadModel does it (prompt tuning, soft prompts): the same new tokens
+    from the embeddings alone, equal to generating from the ids, with a dynamic and a static cache."""
+    ours = _lively()
+    gpt2 = ours.to_gpt2().eval()
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, cache_implementation=cache)
+    new = {}
+    for name, model in (("ours", ours), ("gpt2", gpt2)):
+        new[name] = model.generate(inputs_embeds=model.get_input_embeddings()(ids), **kw)
+    assert new["ours"].shape == (2, 10) and torch.equal(new["ours"], new["gpt2"])
+    assert torch.equal(new["ours"], ours.generate(ids, attention_mask=torch.ones_like(ids), **kw)[:, 7:])
+    assert len(set(new["ours"][0].tolist())) > 2  # a real continuation, not one token repeated
+
+
+def test_6_generate_continues_from_inputs_embeds_with_a_cache():
+    """transformers' continue-from-embeddings pattern: generate, then feed the returned cache and more embeddings."""
+    ours = _lively()
+    gpt2 = ours.to_gpt2().eval()
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(4))
+    more = torch.randint(0, 96, (1, 3), generator=torch.Generator().manual_seed(5))
+    results = {}
+    for name, model in (("ours", ours), ("gpt2", gpt2)):
+        embed = model.get_input_embeddings()
+        first = model.generate(inputs_embeds=embed(ids), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                               return_dict_in_generate=True)
+        cache = getattr(first, "cache", None) or first.past_key_values
+        prompt = torch.cat([ids, first.sequences, more], dim=1)
+        second = model.generate(inputs_embeds=embed(prompt), past_key_values=cache, max_new_tokens=5, do_sample=False,
+                                pad_token_id=0)
+        results[name] = (first.sequences, second)
+    assert torch.equal(results["ours"][0], results["gpt2"][0]) and torch.equal(results["ours"][1], results["gpt2"][1])
+    prompt = torch.cat([ids, results["ours"][0], more], dim=1)
+    reference = ours.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False,
+                              pad_token_id=0)
+    assert torch.equal(results["ours"][1], reference[:, -5:])
+
+
 def test_6_peft_prompt_tuning_and_lora_train(tiny):
     peft = pytest.importorskip("peft")  # a test extra: setup.sh installs it, so this runs in CI
     x = torch.randint(0, 96, (2, 8))

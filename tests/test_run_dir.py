@@ -1,6 +1,7 @@
 """RunDir, the owner of out_dir: its lock, its journal, its clean-up and its summary (in-process, fast)."""
 
 import json
+import os
 
 import pytest
 
@@ -47,8 +48,49 @@ def test_leftovers_of_interrupted_writes_are_removed(tmp_path):
     (tmp_path / ".model-tmp-123").mkdir()
     (tmp_path / "checkpoints" / ".tmp-ckpt-0000010").mkdir(parents=True)
     (tmp_path / "checkpoints" / "ckpt-0000005").mkdir()
-    assert sorted(run.clean_leftovers()) == [".model-tmp-123", ".tmp-ckpt-0000010"]
+    (tmp_path / ".log.jsonl.0123456789ab.tmp").write_text("{")  # fileio.atomic_path's, killed before its rename
+    (tmp_path / ".train_config.yaml.ba9876543210.tmp").write_text("out_dir")
+    assert sorted(run.clean_leftovers()) == [f"removed {name}, left by an interrupted write" for name in (
+        ".log.jsonl.0123456789ab.tmp", ".model-tmp-123", ".tmp-ckpt-0000010", ".train_config.yaml.ba9876543210.tmp")]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "ckpt-0000005"]
+
+
+def _checkpoint(folder, content):
+    folder.mkdir(parents=True)
+    (folder / "weights").write_text(content)
+    (folder / "MANIFEST.json").write_text("{}")
+
+
+@pytest.mark.parametrize("phase", ["set aside", "both in place"])
+def test_replacing_a_checkpoint_of_the_same_iteration_survives_a_kill_at_any_point(tmp_path, phase):
+    """A rerun from an older checkpoint saves iteration 10 again: a kill after the old copy was set aside (before the
+    new one is in place) or after both renames (before the old copy is removed) leaves one whole ckpt-10, the new."""
+    run = RunDir(str(tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    _checkpoint(ckpts / ".tmp-ckpt-0000010", "new")
+    _checkpoint(ckpts / ("ckpt-0000010" if phase == "both in place" else ".old-ckpt-0000010"), "old")
+    if phase == "both in place":
+        os.replace(ckpts / "ckpt-0000010", ckpts / ".old-ckpt-0000010")
+        os.replace(ckpts / ".tmp-ckpt-0000010", ckpts / "ckpt-0000010")
+    run.clean_leftovers()
+    assert sorted(os.listdir(ckpts)) == ["ckpt-0000010"]
+    assert (ckpts / "ckpt-0000010" / "weights").read_text() == "new"
+
+
+def test_an_interrupted_replacement_without_the_new_copy_restores_the_old(tmp_path):
+    run = RunDir(str(tmp_path))
+    _checkpoint(tmp_path / "checkpoints" / ".old-ckpt-0000010", "old")
+    (tmp_path / "checkpoints" / ".tmp-ckpt-0000010").mkdir()  # unfinished: no manifest
+    assert run.clean_leftovers() == ["removed .tmp-ckpt-0000010, left by an interrupted write",
+                                     "restored ckpt-0000010, whose replacement was interrupted"]
+    assert (tmp_path / "checkpoints" / "ckpt-0000010" / "weights").read_text() == "old"
+
+
+def test_a_garbage_manifest_leaves_the_model_folder_alone(tmp_path):
+    run = RunDir(str(tmp_path))
+    (tmp_path / "checkpoints" / "ckpt-0000010").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "ckpt-0000010" / "MANIFEST.json").write_text("garbage{")
+    assert run.model_is_current()
 
 
 def test_a_read_only_folder_is_refused_at_start(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from nanogpt_hf.checkpoint import load_tree
 from nanogpt_hf.config import TrainConfig, load_config, model_options
-from nanogpt_hf.train import configure_optimizer, get_lr
+from nanogpt_hf.optim import Muon, configure_optimizer
+from nanogpt_hf.train import get_lr
 
 SPEEDRUN = ["--optimizer=muon", "--lr_schedule=wsd", "--position_embedding=rope", "--norm=rmsnorm", "--qk_norm=true",
             "--activation_function=relu2", "--zero_init_residual=true", "--logit_softcap=15", "--tie_word_embeddings=false"]
@@ -30,7 +31,7 @@ def test_wsd_schedule_warms_up_holds_then_decays_linearly():
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny_model(tie_word_embeddings=False, bias=True)
     adamw, muon = configure_optimizer(model, TrainConfig(optimizer="muon", learning_rate=2e-3, muon_lr=0.04))[0]
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {p: n for n, p in model.named_parameters()}
     in_muon = {names[p] for g in muon.param_groups for p in g["params"]}
     assert in_muon == {n for n, p in model.named_parameters() if p.dim() == 2 and ".h." in n}
@@ -88,7 +89,7 @@ def test_speedrun_options_train_under_ddp(tmp_path, char_data):
     proc = run_train(tmp_path / "ddp", char_data, *SPEEDRUN, "--max_iters=6", "--eval_interval=3",
                      "--gradient_accumulation_steps=2",
                      launcher=["accelerate", "launch", "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp.yaml")])
-    assert "world size 2" in proc.stdout and "Muon + fused AdamW" in proc.stdout
+    assert "world size 2" in proc.stdout and "Muon (" in proc.stdout
     losses = train_losses(tmp_path / "ddp")
     assert losses[5] < losses[0]
 

@@ -21,7 +21,7 @@ from conftest import tiny_model  # noqa: E402
 
 from nanogpt_hf.checkpoint import load_optimizer_state, load_tree, optimizer_state, save_tree  # noqa: E402
 from nanogpt_hf.config import TrainConfig  # noqa: E402
-from nanogpt_hf.train import configure_optimizer  # noqa: E402
+from nanogpt_hf.optim import configure_optimizer  # noqa: E402
 
 GLOBAL_BATCH = 4
 

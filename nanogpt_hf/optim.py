@@ -1,0 +1,112 @@
+"""The optimizers: nanoGPT's AdamW, and Muon for the speedrun recipes.
+
+Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) is torch.optim.Muon's algorithm with one
+difference: Newton-Schulz runs in a dtype the trainer chooses (`muon_ns_dtype`) instead of always in bf16. On a
+CPU without native bf16 (no AVX512-BF16/AMX) a bf16 matmul is emulated, and torch.optim.Muon's step took 990 ms
+against 36 ms in fp32 for the CPU recipe's 16 matrices (docs/speedrun.md). The update equals torch.optim.Muon's in
+the same dtype (tests/test_speedrun.py). Both optimizers can skip a step on the device (`found_inf`, as the
+gradient scaler does), so the trainer need not wait for the GPU to decide whether gradients were finite.
+"""
+
+import math
+
+import torch
+
+__all__ = ["Muon", "configure_optimizer", "skip_step_if", "NS_DTYPES"]
+
+NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def zeropower_via_newtonschulz(G, ns_coefficients, ns_steps, eps, dtype):
+    """The quintic Newton-Schulz iteration of torch.optim.Muon (an approximate U V^T of G = U S V^T), in dtype."""
+    a, b, c = ns_coefficients
+    X = G.to(dtype)
+    if G.size(0) > G.size(1):
+        X = X.T
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b * A + c * A @ A
+        X = torch.addmm(X, B, X, beta=a)  # a * X + B @ X
+    if G.size(0) > G.size(1):
+        X = X.T
+    return X
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum orthogonalized by Newton-Schulz for 2-D weights; torch.optim.Muon's defaults and state
+    ("momentum_buffer"), so checkpoints of either load in the other. ns_dtype: torch.bfloat16 (torch's choice) or
+    torch.float32. A `found_inf` attribute (a 0-dim tensor, 1.0 for a bad step) skips the step on the device."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5, ns_dtype=torch.bfloat16):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            if any(p.ndim != 2 for p in group["params"]):
+                raise ValueError("Muon only optimizes 2-D weights")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        skip = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                new_buf = buf.lerp(p.grad, 1 - momentum)
+                update = p.grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
+                update = zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                                    self.ns_dtype)
+                # Keller Jordan's scale: the same update RMS for tall and wide matrices (torch's adjust_lr "original")
+                adjusted_lr = lr * math.sqrt(max(1, p.size(0) / p.size(1)))
+                new_p = p.mul(1 - lr * group["weight_decay"]).add_(update, alpha=-adjusted_lr)
+                if skip is not None:  # a non-finite step changes nothing (where, not a product: NaN * 0 is NaN)
+                    new_buf, new_p = torch.where(skip > 0, buf, new_buf), torch.where(skip > 0, p, new_p)
+                buf.copy_(new_buf)
+                p.copy_(new_p)
+        return loss
+
+
+def configure_optimizer(model, cfg, ns_dtype=torch.float32):
+    """nanoGPT's AdamW: weight decay on every 2D+ tensor (matmuls, embeddings), none on biases and LayerNorms.
+    optimizer=muon: the blocks' 2-D weights go to Muon instead, at muon_lr; the embeddings, the head, gains and
+    biases stay with AdamW (as in modded-nanogpt). Returns ([optimizers], fused)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # shared (tied) tensors appear once
+    to_muon = [cfg.optimizer == "muon" and p.dim() == 2 and ".h." in f".{n}" for n, p in named]
+    muon = [p for (_, p), m in zip(named, to_muon) if m]
+    decay = [p for (_, p), m in zip(named, to_muon) if p.dim() >= 2 and not m]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    try:  # the fused kernel is faster, on CUDA and (torch >= 2.4) on CPU, and can skip a step on the device
+        adamw, fused = torch.optim.AdamW(groups, fused=True, **kwargs), True
+    except (RuntimeError, TypeError, ValueError):
+        adamw, fused = torch.optim.AdamW(groups, **kwargs), False
+    if not muon:
+        return [adamw], fused
+    scale = cfg.muon_lr / cfg.learning_rate if cfg.learning_rate else 0.0
+    return [adamw, Muon([{"params": muon, "lr_scale": scale}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                        momentum=cfg.muon_momentum, ns_dtype=ns_dtype)], fused
+
+
+def skip_step_if(optimizers, bad):
+    """Makes the next step() of each optimizer a no-op on the device where `bad` (a 0-dim float tensor) is > 0,
+    without the host reading it: fused AdamW's found_inf (what torch's GradScaler uses; its step count is rolled back
+    too) and Muon's. Returns False, setting nothing, where an optimizer cannot (the caller then decides on the host)."""
+    inner = [getattr(o, "optimizer", o) for o in optimizers]
+    can = all(isinstance(o, Muon) or (isinstance(o, torch.optim.AdamW) and o.defaults.get("fused")) for o in inner)
+    if can:
+        for o in inner:
+            o.found_inf = bad
+    return can

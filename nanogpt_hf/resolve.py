@@ -1,0 +1,264 @@
+"""Resolving a run before anything is built, and restoring it from its checkpoint.
+
+The trainer (train.py) calls these in order:
+
+    resolve_run(cfg, sources, world)   the final config, from files alone, before any Accelerator, process group,
+                                       model or data exists: init_from=auto decided, a resumed run's saved config
+                                       plus this command's keys (printed as changes), the accumulation for this
+                                       number of processes, Muon's dtype, the data and the checkpoint checked
+    build_model(cfg, ckpt, state, log) the tokenizer and the model (scratch, the checkpoint, gpt2*, a folder, a hub id)
+    restore_training_state(...)        the optimizer state, this rank's RNG streams and data position
+
+A resumed run takes from its checkpoint everything that defines the run (model, data, optimizer, schedule,
+accumulation, precision, ...) and from this command only what it gives on its command line, plus the keys no
+checkpoint decides (config.COMMAND_KEYS: where it writes, what it publishes, what it trusts).
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+import torch
+
+from .checkpoint import CKPT_PREFIX, MANIFEST, load_optimizer_state, load_tree, set_rng_state, verify_checkpoint
+from .config import CLI, SHAPE_KEYS, model_options, resumed_config
+from .corpus import check_prepared, data_fingerprint, dataset_dir, read_meta
+from .data import MemmapBatches, check_bin
+from .errors import UserError
+from .hardware import native_bf16
+from .launch import round_accumulation
+from .model_io import from_pretrained_strict, load_model_and_tokenizer, looks_like_hub_id, model_config_of
+from .run_dir import RunDir
+from .tokenization import char_tokenizer, check_same_vocabulary, gpt2_hf_tokenizer, meta_signature, tokenizer_signature
+
+__all__ = ["resolve_run", "build_model", "restore_training_state", "data_dir_of", "find_resume_checkpoint"]
+
+
+# ------------------------------------------------------------------------------------------- the config
+def resolve_run(cfg, sources, world, on_gpu):
+    """(cfg, checkpoint or None, its trainer_state or None, [lines to print]). Runs on every rank from the same
+    files, so every rank resolves the same run (or refuses with the same message)."""
+    run, notes = RunDir(cfg.out_dir), []
+    if cfg.init_from == "auto":  # torchrun --max-restarts: the same command resumes after a crash
+        cfg = dataclasses.replace(cfg, init_from="resume" if run.latest_checkpoint() else "scratch")
+    ckpt = state = None
+    if cfg.init_from == "resume":
+        ckpt = find_resume_checkpoint(cfg, notes.append)
+        state = read_trainer_state(ckpt)
+        cfg, sources, changed = resumed_config(state["config"], cfg, sources)
+        _check_shape(cfg, state["model_shape"], ckpt)
+        notes.append(f"Resuming training from {ckpt}")
+        notes += [f"  {key}: {old!r} -> {new!r} ({why})" for key, (old, new, why) in changed.items()]
+    elif run.complete_checkpoints():  # a fresh run must not mix with (or later prune) another run's checkpoints
+        raise UserError(f"out_dir {cfg.out_dir} already holds checkpoints of a run "
+                        f"({os.path.basename(run.latest_checkpoint())}): continue it with init_from=resume "
+                        f"(or auto), or choose another out_dir")
+    elif cfg.init_from != "scratch":
+        cfg = _adopt_model_shape(cfg, model_config_of(cfg.init_from))
+    cfg = _resolve_accumulation(cfg, world, state, sources.get("gradient_accumulation_steps") == CLI, notes.append)
+    cfg = _resolve_ns_dtype(cfg, on_gpu, notes.append)
+    if cfg.data_source == "memmap":
+        _check_data(cfg, ckpt, state, notes.append)
+    return cfg, ckpt, state, notes
+
+
+def _resolve_accumulation(cfg, world, state, explicit, note):
+    """gradient_accumulation_steps is the total over all processes, as in nanoGPT. A fresh run (or one whose command
+    line sets it) rounds it up to a multiple of the process count; a resumed run keeps its tokens per iteration on
+    any number of processes that divides its total, and refuses one that does not."""
+    total = cfg.gradient_accumulation_steps
+    tokens = lambda n: f"{n * cfg.batch_size * cfg.block_size:,} tokens per iteration"  # noqa: E731
+    if state is None or explicit:
+        rounded = round_accumulation(total, world)
+        if rounded != total:
+            note(f"warning: gradient_accumulation_steps={total} is not a multiple of the {world} processes: using "
+                 f"{rounded} ({tokens(rounded)})")
+        return dataclasses.replace(cfg, gradient_accumulation_steps=rounded)
+    if total % world:
+        raise UserError(f"this run does {total} micro-steps per iteration in all, which {world} processes cannot share: "
+                        f"resume it on a number of processes that divides {total}, or pass "
+                        f"--gradient_accumulation_steps={round_accumulation(total, world)} to change its "
+                        f"{tokens(total)}")
+    if state.get("world_size", world) != world:
+        note(f"the run was on {state['world_size']} process(es), now {world}: {total // world} micro-steps per "
+             f"process keep its {tokens(total)}")
+    return cfg
+
+
+def _resolve_ns_dtype(cfg, on_gpu, note):
+    """muon_ns_dtype=auto becomes bfloat16 where the device computes bf16 natively, else float32; decided once and
+    saved with the run (a resume keeps it, so it stays bit-exact)."""
+    if cfg.optimizer != "muon" or cfg.muon_ns_dtype != "auto":
+        return cfg
+    device = "cuda" if on_gpu else "cpu"
+    dtype = "bfloat16" if native_bf16(device) else "float32"
+    note(f"Muon's Newton-Schulz runs in {dtype} ({'native' if dtype == 'bfloat16' else 'no native'} bf16 on this "
+         f"{device.upper()}; muon_ns_dtype=auto)")
+    return dataclasses.replace(cfg, muon_ns_dtype=dtype)
+
+
+def _adopt_model_shape(cfg, model_config):
+    """A finetune's shape is its model's (like nanoGPT), and the saved config says so. block_size may be smaller
+    than the model's context (the model is cropped), never larger."""
+    if cfg.block_size > model_config.block_size:
+        raise UserError(f"block_size={cfg.block_size} is larger than {cfg.init_from}'s context of "
+                        f"{model_config.block_size}; use block_size <= {model_config.block_size}")
+    shape = {k: getattr(model_config, k) for k in SHAPE_KEYS if k not in ("vocab_size", "block_size")}
+    shape["logit_softcap"] = shape["logit_softcap"] or 0.0  # the model's None is the training key's 0
+    return dataclasses.replace(cfg, **shape)
+
+
+def _check_shape(cfg, ckpt_shape, where):
+    mine = model_options(cfg)
+    for key in SHAPE_KEYS:
+        # keys a checkpoint does not record (written before they existed) cannot disagree
+        if key != "vocab_size" and key in ckpt_shape and mine[key] != ckpt_shape[key]:
+            raise UserError(f"{where} was trained with {key}={ckpt_shape[key]!r} but the command line says "
+                            f"{mine[key]!r}: resume with the run's own shape, or use another out_dir")
+
+
+# ------------------------------------------------------------------------------------------- checkpoint
+def find_resume_checkpoint(cfg, note):
+    """The newest complete checkpoint of resume_from (a checkpoint, an out_dir, a hub id) or of out_dir. A damaged
+    newest one is refused naming the older complete one; one that recorded a non-finite loss (written by a version
+    that kept diverged states) is passed over for the newest good one."""
+    source = cfg.resume_from or cfg.out_dir
+    if source and not os.path.exists(source) and looks_like_hub_id(source):
+        from .hub import download_training_state
+
+        source = download_training_state(source)
+    if os.path.exists(os.path.join(source, MANIFEST)) or os.path.basename(source).startswith(CKPT_PREFIX):
+        return verify_checkpoint(source)
+    candidates = [c for c in RunDir(source).complete_checkpoints() if not _diverged(c, note)]
+    if not candidates:
+        raise UserError(f"init_from=resume: no complete checkpoint in {os.path.join(source, 'checkpoints')}; "
+                        f"train with init_from=scratch first (or set resume_from)")
+    try:
+        return verify_checkpoint(candidates[-1])
+    except UserError as e:
+        older = f"; the older complete one is {candidates[-2]}: --resume_from={candidates[-2]}" if len(candidates) > 1 else ""
+        raise UserError(f"{e}{older}") from e
+
+
+def _diverged(ckpt, note):
+    try:
+        loss = json.load(open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8")).get("val_loss")
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: verify_checkpoint says why, if it is the one picked
+    if isinstance(loss, (int, float)) and not math.isfinite(loss):
+        note(f"warning: {ckpt} recorded val loss {loss}: a diverged state, passed over")
+        return True
+    return False
+
+
+def read_trainer_state(ckpt):
+    try:
+        with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state.get("config"), dict) or not isinstance(state.get("model_shape"), dict):
+            raise ValueError("no config or model_shape")
+        return state
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{ckpt}/trainer_state.json is unreadable ({e}); resume from another checkpoint") from e
+
+
+# ------------------------------------------------------------------------------------------- data
+def data_dir_of(cfg):
+    return cfg.data_dir or dataset_dir(cfg.dataset)
+
+
+def _check_data(cfg, ckpt, state, note):
+    """The prepared bins against meta.json (sizes, vocabulary, content fingerprint), long enough for block_size,
+    made with the checkpoint's vocabulary, and (on resume) unchanged since the checkpoint."""
+    data_dir = data_dir_of(cfg)
+    meta = check_prepared(data_dir, cfg.allow_data_change, note)
+    for split in ("train", "val"):
+        check_bin(data_dir, split, cfg.block_size)
+    if ckpt is None:
+        return
+    check_same_vocabulary(state["tokenizer"], meta_signature(meta), ckpt)  # the clearer message first
+    recorded, now = state.get("data") or {}, data_fingerprint(data_dir)
+    changed = [k for k in recorded if now.get(k) != recorded[k]]
+    if not changed:
+        return
+    what = ", ".join(changed)
+    if not cfg.allow_data_change:
+        raise UserError(f"the data in {data_dir} changed since {ckpt} was written ({what}): resume on the data the run "
+                        f"started with, or pass --allow_data_change=true")
+    note(f"warning: the data changed since {ckpt} ({what}); continuing (allow_data_change=true)")
+
+
+def data_tokenizer(cfg):
+    """The training data's tokenizer: nanoGPT's char vocabulary from meta.json, or GPT-2 BPE."""
+    if cfg.data_source == "streaming":
+        return gpt2_hf_tokenizer(cfg.block_size)
+    data_dir = data_dir_of(cfg)
+    meta = read_meta(data_dir)  # the bins were checked against it in resolve_run
+    if meta.get("tokenizer") == "char":
+        try:
+            chars = meta_signature(meta)["vocab"]
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{data_dir}/meta.json: its char vocabulary is incomplete ({e}); run prepare.py again") from e
+        return char_tokenizer(list(chars), model_max_length=cfg.block_size)
+    if meta.get("tokenizer") == "gpt2":
+        return gpt2_hf_tokenizer(cfg.block_size)
+    raise UserError(f"{data_dir}/meta.json: unknown tokenizer {meta.get('tokenizer')!r}; run prepare.py again")
+
+
+# ------------------------------------------------------------------------------------------- model
+def _vocab_size_for(tokenizer):
+    # GPT-2's 50257 rounded up to 50304 (a multiple of 64) like nanoGPT; char: the characters + <pad> + end of text
+    return 50304 if tokenizer_signature(tokenizer)["kind"] == "gpt2" else len(tokenizer)
+
+
+def build_model(cfg, ckpt, state, log):
+    """(tokenizer, model) for the resolved run: the checkpoint's model, a new one, or init_from's (gpt2*, a model
+    folder, a hub id; its tokenizer must be the data's)."""
+    from .configuration_nanogpt import NanoGPTConfig
+    from .modeling_nanogpt import NanoGPTForCausalLM
+
+    tokenizer = data_tokenizer(cfg)
+    torch.manual_seed(cfg.seed)  # the same initial weights whatever the number of processes
+    if ckpt is not None:
+        check_same_vocabulary(state["tokenizer"], tokenizer_signature(tokenizer), ckpt)
+        model = from_pretrained_strict(os.path.join(ckpt, "model"), dropout=cfg.dropout)
+    elif cfg.init_from == "scratch":
+        log("Initializing a new model from scratch")
+        config = NanoGPTConfig(vocab_size=_vocab_size_for(tokenizer), **model_options(cfg),
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               bos_token_id=tokenizer.eos_token_id)
+        model = NanoGPTForCausalLM(config)
+    else:
+        log(f"Initializing from {cfg.init_from}")
+        model, model_tokenizer = load_model_and_tokenizer(cfg.init_from, trust_remote_code=cfg.trust_remote_code,
+                                                          dropout=cfg.dropout)
+        check_same_vocabulary(tokenizer_signature(model_tokenizer), tokenizer_signature(tokenizer), cfg.init_from)
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)  # model surgery to decrease the block size if necessary
+    if cfg.gradient_checkpointing:
+        from .model_io import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    return tokenizer, model
+
+
+# ------------------------------------------------------------------------------------------- training state
+def restore_training_state(ckpt, raw_model, optimizers, train_source, rank, log):
+    """The optimizer state (sharded like the parameters), this rank's RNG streams and data position."""
+    load_optimizer_state(raw_model, optimizers, load_tree(os.path.join(ckpt, "optimizer")), ckpt)
+    rank_file = os.path.join(ckpt, f"rank{rank}")
+    if not os.path.exists(rank_file + ".json"):
+        if not isinstance(train_source, MemmapBatches):
+            log(f"warning: {ckpt} was saved with fewer processes: rank {rank} starts a fresh stream position")
+            return
+        # the memmap sampler's generator is the same on every rank (each draws all ranks' windows): rank 0's position
+        # is every rank's; only this rank's dropout RNG starts afresh
+        train_source.load_state_dict(load_tree(os.path.join(ckpt, "rank0"))["data"])
+        return
+    saved = load_tree(rank_file)
+    set_rng_state(saved["rng"])
+    try:
+        train_source.load_state_dict(saved["data"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{ckpt}: its data position does not fit data_source={type(train_source).__name__} ({e})") from e
