@@ -355,7 +355,7 @@ def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run
             step()
         except (OSError, SafetensorError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            reason = getattr(e, "strerror", None) or str(e)
+            reason = _reason(e)
             if placed:
                 raise UserError(f"checkpoint {final} is complete, but the model folder {run.path} could not be refreshed "
                                 f"from it ({reason}): free disk space, then continue with init_from=auto (the model "
@@ -394,9 +394,20 @@ def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run
     together(accelerator, lambda: writing(begin))
     together(accelerator, lambda: writing(rank_state))
     state_dict = accelerator.get_state_dict(model)  # collectives under FSDP: every rank calls them
+    if raw.config.tie_word_embeddings:  # FSDP's full state dict holds the tied head as a copy: saved once, like 1 process
+        for key in getattr(raw, "_tied_weights_keys", None) or {}:
+            state_dict.pop(key, None)
     optimizer_whole = optimizer_state(raw, optimizers, keep=accelerator.is_main_process)
     together(accelerator, lambda: writing(main_part))
     return final
+
+
+def _reason(error):
+    """The OS's words for a failed write ("No space left on device"); shutil.copytree's Error lists every file's."""
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
+        found = re.search(r"\[Errno \d+\] ([^:]+)", str(error.args[0][0][-1]))
+        return found.group(1) if found else str(error.args[0][0][-1])
+    return getattr(error, "strerror", None) or str(error)
 
 
 def _local(tensor):

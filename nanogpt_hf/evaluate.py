@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ def build_parser():
     src.add_argument("--data_dir", help="a prepared dataset folder")
     src.add_argument("--text_file", help="a UTF-8 text file, tokenized with the model's tokenizer")
     src.add_argument("--hf_dataset", help="a datasets name or local .jsonl/.parquet files (comma-separated)")
-    src.add_argument("--multiple_choice", help="a HellaSwag-format .jsonl: ctx, endings (4), label")
+    src.add_argument("--multiple_choice", help="a HellaSwag-format .jsonl (activity_label, ctx_a, ctx_b, ctx, endings, "
+                                               "label), scored as --mc_protocol says")
     p.add_argument("--split", default="val", help="prepared datasets: train | val; --hf_dataset: its split name")
     p.add_argument("--text_column", default="text")
     p.add_argument("--batch_size", type=int, default=8)
@@ -47,7 +49,11 @@ def build_parser():
     p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     p.add_argument("--model_card", action="store_true", help="add the result to the model folder's README.md")
+    p.add_argument("--mc_protocol", default="lm-eval", choices=list(MC_PROTOCOLS),
+                   help="--multiple_choice scoring: " + "; ".join(f"{k}: {v}" for k, v in MC_PROTOCOLS.items()))
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even where a GPU exists")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="run code the model folder or hub id names (a custom tokenizer): only for sources you trust")
     return p
 
 
@@ -114,9 +120,32 @@ def _encode(tokenizer, text):
 
 
 # ------------------------------------------------------------------------------------------ multiple choice
-def _read_mc(path):
+# Two published ways to score HellaSwag, which give different numbers for the same model:
+#   lm-eval  lm-evaluation-harness's `hellaswag` task: the context is preprocess(activity_label + ": " + ctx_a + " " +
+#            ctx_b.capitalize()), each ending preprocess(ending) after a space ("[title]" -> ". ", other "[...]"
+#            removed, double spaces collapsed: WikiHow rows carry them); context and ending are encoded together and
+#            split; acc_norm divides by the ending's length in characters.
+#   llm.c    Karpathy's llm.c / build-nanogpt hellaswag.py: the raw ctx and " " + raw ending, encoded separately;
+#            acc_norm divides by the ending's number of tokens.
+MC_PROTOCOLS = {
+    "lm-eval": "lm-evaluation-harness's hellaswag task (preprocessed text, acc_norm per character)",
+    "llm.c": "llm.c's hellaswag.py (raw ctx and endings, acc_norm per token)",
+}
+
+
+def hellaswag_preprocess(text):
+    """lm-evaluation-harness tasks/hellaswag/utils.py preprocess(): WikiHow's bracket artifacts out."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _read_mc(path, protocol="lm-eval"):
+    """[(context, [endings], label)] of a HellaSwag-format .jsonl, as the protocol renders them."""
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist")
+    needed = ("activity_label", "ctx_a", "ctx_b", "endings", "label") if protocol == "lm-eval" else ("ctx", "endings", "label")
     examples = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -124,44 +153,71 @@ def _read_mc(path):
                 continue
             try:
                 ex = json.loads(line)
-                ctx, endings, label = ex["ctx"], ex["endings"], int(ex["label"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{path}:{n}: expected JSON with ctx, endings and label ({e})") from e
+                missing = [k for k in needed if k not in ex]
+                if missing:
+                    hint = "; rows with ctx alone are scored by --mc_protocol llm.c" if protocol == "lm-eval" else ""
+                    raise UserError(f"{path}:{n}: no {', '.join(missing)} (HellaSwag's fields for the {protocol} "
+                                    f"protocol){hint}")
+                endings, label = [str(e) for e in ex["endings"]], int(ex["label"])
+                if protocol == "lm-eval":
+                    context = hellaswag_preprocess(f"{ex['activity_label']}: {ex['ctx_a']} {ex['ctx_b'].capitalize()}")
+                    endings = [hellaswag_preprocess(e) for e in endings]
+                else:
+                    context = str(ex["ctx"])
+            except (ValueError, TypeError, AttributeError) as e:
+                raise UserError(f"{path}:{n}: expected HellaSwag JSON with ctx (or ctx_a, ctx_b, activity_label), "
+                                f"endings and label ({e})") from e
             if not endings or not 0 <= label < len(endings):
                 raise UserError(f"{path}:{n}: label {label} does not index the {len(endings)} endings")
-            examples.append((ctx, endings, label))
+            examples.append((context, endings, label))
     if not examples:
         raise UserError(f"{path} holds no examples")
     return examples
 
 
+def _mc_tokens(tokenizer, context, ending, protocol):
+    """(context ids, ending ids, acc_norm's divisor) as the protocol encodes them."""
+    if protocol == "llm.c":
+        end_ids = _encode(tokenizer, " " + ending)
+        return _encode(tokenizer, context), end_ids, len(end_ids)
+    # lm-evaluation-harness's _encode_pair: trailing spaces move to the continuation; the pair is encoded whole and
+    # split where the context's own encoding ends (a token may straddle the boundary otherwise); HF tokenizer, as it
+    # uses (a character a char model lacks becomes its <pad>, as there)
+    continuation = " " + ending
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    ctx_ids = tokenizer.encode(context, add_special_tokens=False)
+    return ctx_ids, whole[len(ctx_ids):], len(ending)
+
+
 @torch.no_grad()
-def score_multiple_choice(model, tokenizer, examples):
-    """acc: argmax of the endings' summed log-likelihood; acc_norm: the same divided by the ending's length in
-    characters (lm-evaluation-harness's multiple_choice definitions). Endings are scored as ' ' + ending."""
+def score_multiple_choice(model, tokenizer, examples, protocol="lm-eval"):
+    """acc: argmax of the endings' summed log-likelihood; acc_norm: the same divided by the protocol's length (see
+    MC_PROTOCOLS). Contexts longer than the model's block are cut from the left, as both protocols' code does."""
     device = next(model.parameters()).device
     block = model.config.block_size
     correct = correct_norm = 0
     predictions = []
     for ctx, endings, label in examples:
-        ctx_ids = _encode(tokenizer, ctx)
         scores, norms = [], []
         for ending in endings:
-            end_ids = _encode(tokenizer, " " + ending)
+            ctx_ids, end_ids, divisor = _mc_tokens(tokenizer, ctx, ending, protocol)
             ids = (ctx_ids + end_ids)[-(block + 1) :]
             x = torch.tensor([ids], device=device)
             logprobs = F.log_softmax(model(x[:, :-1], use_cache=False).logits.float(), dim=-1)
-            targets = x[:, 1:]
-            token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[0]
+            token_lp = logprobs.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)[0]
             total = token_lp[-len(end_ids) :].sum().item()
             scores.append(total)
-            norms.append(total / len(ending))
+            norms.append(total / max(divisor, 1))
         pred, pred_norm = int(np.argmax(scores)), int(np.argmax(norms))
         correct += pred == label
         correct_norm += pred_norm == label
         predictions.append({"pred": pred, "pred_norm": pred_norm, "label": label, "scores": scores})
     n = len(examples)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "examples": n, "predictions": predictions}
+    return {"protocol": protocol, "acc": correct / n, "acc_norm": correct_norm / n, "examples": n,
+            "predictions": predictions}
 
 
 # ------------------------------------------------------------------------------------------ model card
@@ -203,7 +259,7 @@ def _check_inputs(args):
         for name in args.hf_dataset.split(","):
             if not os.path.exists(name) and (os.path.splitext(name)[1] or name.startswith((".", "/", "~"))):
                 raise UserError(f"--hf_dataset {name}: no such file")
-    return _read_mc(args.multiple_choice) if args.multiple_choice else None
+    return _read_mc(args.multiple_choice, args.mc_protocol) if args.multiple_choice else None
 
 
 @cli_main
@@ -213,11 +269,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     examples = _check_inputs(args)  # before the model loads (which may be a gpt2-xl download)
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
-    model, tokenizer = load_model_and_tokenizer(args.init_from)
+    model, tokenizer = load_model_and_tokenizer(args.init_from, trust_remote_code=args.trust_remote_code)
     model.eval().to(accelerator.device)
     if args.multiple_choice:
-        result = score_multiple_choice(model, tokenizer, examples)
-        title = f"multiple choice on {os.path.basename(args.multiple_choice)}"
+        result = score_multiple_choice(model, tokenizer, examples, args.mc_protocol)
+        title = f"multiple choice on {os.path.basename(args.multiple_choice)}, {MC_PROTOCOLS[args.mc_protocol]}"
         accelerator.print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
     else:
         block_size = args.block_size or model.config.block_size

@@ -61,7 +61,8 @@ def on_gpu(cfg):
 
 
 def check_launch(cfg):
-    """Launch mistakes that would otherwise train the wrong thing silently, refused before anything else."""
+    """Launch mistakes that would otherwise train the wrong thing silently (for the resolved run's device), refused
+    before anything is built."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda, but no CUDA GPU is visible; use device=auto or device=cpu")
     _check_launch_file_device(cfg)

@@ -27,7 +27,7 @@ from .corpus import check_prepared, data_fingerprint, dataset_dir, read_meta
 from .data import MemmapBatches, check_bin
 from .errors import UserError
 from .hardware import native_bf16
-from .launch import round_accumulation
+from .launch import on_gpu, round_accumulation
 from .model_io import from_pretrained_strict, load_model_and_tokenizer, looks_like_hub_id, model_config_of
 from .run_dir import RunDir
 from .tokenization import char_tokenizer, check_same_vocabulary, gpt2_hf_tokenizer, meta_signature, tokenizer_signature
@@ -36,7 +36,7 @@ __all__ = ["resolve_run", "build_model", "restore_training_state", "data_dir_of"
 
 
 # ------------------------------------------------------------------------------------------- the config
-def resolve_run(cfg, sources, world, on_gpu):
+def resolve_run(cfg, sources, world):
     """(cfg, checkpoint or None, its trainer_state or None, [lines to print]). Runs on every rank from the same
     files, so every rank resolves the same run (or refuses with the same message)."""
     run, notes = RunDir(cfg.out_dir), []
@@ -57,7 +57,7 @@ def resolve_run(cfg, sources, world, on_gpu):
     elif cfg.init_from != "scratch":
         cfg = _adopt_model_shape(cfg, model_config_of(cfg.init_from))
     cfg = _resolve_accumulation(cfg, world, state, sources.get("gradient_accumulation_steps") == CLI, notes.append)
-    cfg = _resolve_ns_dtype(cfg, on_gpu, notes.append)
+    cfg = _resolve_ns_dtype(cfg, on_gpu(cfg), notes.append)
     if cfg.data_source == "memmap":
         _check_data(cfg, ckpt, state, notes.append)
     return cfg, ckpt, state, notes
@@ -86,12 +86,12 @@ def _resolve_accumulation(cfg, world, state, explicit, note):
     return cfg
 
 
-def _resolve_ns_dtype(cfg, on_gpu, note):
+def _resolve_ns_dtype(cfg, gpu, note):
     """muon_ns_dtype=auto becomes bfloat16 where the device computes bf16 natively, else float32; decided once and
     saved with the run (a resume keeps it, so it stays bit-exact)."""
     if cfg.optimizer != "muon" or cfg.muon_ns_dtype != "auto":
         return cfg
-    device = "cuda" if on_gpu else "cpu"
+    device = "cuda" if gpu else "cpu"
     dtype = "bfloat16" if native_bf16(device) else "float32"
     note(f"Muon's Newton-Schulz runs in {dtype} ({'native' if dtype == 'bfloat16' else 'no native'} bf16 on this "
          f"{device.upper()}; muon_ns_dtype=auto)")

@@ -37,6 +37,8 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--stop_at_eot", action="store_true", help="end a sample at <|endoftext|>")
     p.add_argument("--no_stream", action="store_true", help="print each sample when complete instead of token by token")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="run code the model folder or hub id names (a custom tokenizer): only for sources you trust")
     return p
 
 
@@ -121,7 +123,7 @@ def generate_samples(args, write=None):
     if not args.init_from and not os.path.isfile(os.path.join(args.out_dir, "config.json")):
         raise UserError(f"no model in {args.out_dir} (no config.json): train one first, or pass --init_from")
     device = resolve_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(source)
+    model, tokenizer = load_model_and_tokenizer(source, trust_remote_code=args.trust_remote_code)
     check_sampling_args(args, model.config.vocab_size)
     model.eval().to(device)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -76,7 +76,7 @@ class Journal:
             self.file.write(json.dumps(record) + "\n")
         except OSError as e:
             self.failed = (f"cannot write the journal {self.path} ({e.strerror or e}): free disk space, then continue "
-                           f"with init_from=auto (the last checkpoint is intact)")
+                           f"with init_from=auto (the checkpoints already written are intact)")
             self.close()
             return
         if self.accelerator.log_with:
@@ -92,14 +92,19 @@ class Journal:
 
 
 def init_trackers(accelerator, cfg, tracker_ids):
-    """Starts W&B/TensorBoard; a resumed run continues the same W&B run (its id is kept in the checkpoint)."""
+    """Starts W&B, TensorBoard and trackio; a resumed run continues the same W&B and trackio runs (their ids are kept
+    in the checkpoint). trackio, a local dashboard with W&B's API, takes wandb_project and wandb_run_name too."""
     if not accelerator.log_with:
         return tracker_ids
     ids = dict(tracker_ids or {})
     init_kwargs = {}
-    if any(getattr(t, "value", t) == "wandb" for t in accelerator.log_with):
+    used = {getattr(t, "value", t) for t in accelerator.log_with}
+    if "wandb" in used:
         ids.setdefault("wandb", secrets.token_hex(4))  # W&B run ids: lowercase letters and digits
         init_kwargs["wandb"] = {"name": cfg.wandb_run_name, "id": ids["wandb"], "resume": "allow", "dir": cfg.out_dir}
+    if "trackio" in used:  # run names are unique within a trackio project: the name is the id
+        ids.setdefault("trackio", f"{cfg.wandb_run_name}-{secrets.token_hex(3)}")
+        init_kwargs["trackio"] = {"name": ids["trackio"], "resume": "allow"}
     scalars = {k: v for k, v in cfg.to_dict().items() if not isinstance(v, list)}
     try:
         accelerator.init_trackers(cfg.wandb_project, config=scalars, init_kwargs=init_kwargs)

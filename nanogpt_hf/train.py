@@ -22,7 +22,7 @@ from .corpus import data_fingerprint
 from .data import eval_batches, train_batches
 from .errors import UserError, cli_main
 from .hardware import native_bf16, peak_flops
-from .launch import StopSignals, check_launch, finish, launched_world_size, make_accelerator, on_gpu, together
+from .launch import StopSignals, check_launch, finish, launched_world_size, make_accelerator, together
 from .optim import NS_DTYPES, configure_optimizer, skip_step_if
 from .resolve import build_model, data_dir_of, resolve_run, restore_training_state
 from .run_dir import RunDir
@@ -111,9 +111,9 @@ def _diverged(losses, vocab_size):
 
 # ------------------------------------------------------------------------------------------- the loop
 def train(cfg, sources=None):
-    check_launch(cfg)
     # the run resolved from files alone, before any Accelerator, process group, model or data
-    cfg, ckpt, ckpt_state, notes = resolve_run(cfg, sources or {}, launched_world_size(), on_gpu(cfg))
+    cfg, ckpt, ckpt_state, notes = resolve_run(cfg, sources or {}, launched_world_size())
+    check_launch(cfg)
     run = RunDir(cfg.out_dir)
     trackers = sorted(set(cfg.loggers) | ({"wandb"} if cfg.wandb_log else set()))
     accelerator, launch_warnings = make_accelerator(cfg, trackers)

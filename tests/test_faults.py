@@ -246,3 +246,27 @@ def test_a_damaged_newest_checkpoint_names_the_older_complete_one(tmp_path, char
     resumed = run_train(out, char_data, "--init_from=resume", f"--resume_from={older}", "--max_iters=4",
                         "--eval_interval=2")
     assert f"Resuming training from {older}" in resumed.stdout
+
+
+@pytest.mark.parametrize("what", ["journal", "refresh"])
+def test_a_full_disk_is_one_line_and_the_run_continues_once_space_is_freed(tmp_path, char_data, what):
+    """A real full disk (a small tmpfs in a private mount namespace: tests/workers/disk_full.py). journal: it fills
+    while the trainer appends to log.jsonl; refresh: the checkpoint is written (elsewhere) but the model folder's copy
+    does not fit. Each is one `error:` line, exit 2, no traceback; after space is freed init_from=auto continues."""
+    worker = os.path.join(ROOT, "tests", "workers", "disk_full.py")
+    proc = subprocess.run(["unshare", "-rm", sys.executable, worker, what, char_data, str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    full, resumed = result["full"], result["resumed"]
+    assert full["code"] == 2 and resumed["code"] == 0
+    if what == "journal":
+        assert full["last"].startswith("error: cannot write the journal") and "No space left on device" in full["last"]
+        assert full["tracebacks"] == 0 and result["steps_once"]
+    else:
+        assert full["complete"] == ["ckpt-0000002"]
+        assert full["last"] == (f"error: checkpoint {tmp_path}/disk/out/checkpoints/ckpt-0000002 is complete, but the "
+                                f"model folder {tmp_path}/disk/out could not be refreshed from it (No space left on "
+                                f"device): free disk space, then continue with init_from=auto (the model folder is "
+                                f"restored from the checkpoint at start)")
+        assert "restored from it" in resumed["out"] and resumed["current"]

@@ -37,6 +37,37 @@ def test_multi_node_launch_file_bounds_the_rendezvous():
     assert launch_args("multi_node.yaml", "--rdzv_conf", "timeout=600").rdzv_conf == "timeout=600"  # the CLI wins
 
 
+def _default_config(hf_home, **answers):
+    """$HF_HOME/accelerate/default_config.yaml as `accelerate config` writes it (its own ClusterConfig class)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = hf_home / "accelerate" / "default_config.yaml"
+    path.parent.mkdir(parents=True)
+    ClusterConfig(compute_environment="LOCAL_MACHINE", mixed_precision="no", debug=False, machine_rank=0,
+                  num_machines=1, **answers).to_yaml_file(str(path))
+    return {"HF_HOME": str(hf_home)}
+
+
+@pytest.mark.slow
+def test_bare_accelerate_launch_uses_the_accelerate_config_default(tmp_path, char_data):
+    """`accelerate config` answered "No distributed training", CPU only: a bare `accelerate launch` trains with it.
+    Answered "multi-CPU" with 2 processes and no mpirun: Accelerate would start ONE plain process, so the trainer
+    stops with one line instead of training alone."""
+    common = ["accelerate", "launch", TRAIN, "--config", "train_shakespeare_char_cpu", "--n_layer=1", "--n_head=1",
+              "--n_embd=16", "--block_size=16", "--batch_size=2", "--eval_iters=1", "--max_iters=2",
+              f"--data_dir={char_data}"]
+    env = _default_config(tmp_path / "one", distributed_type="NO", num_processes=1, use_cpu=True)
+    one = run_cli([*common, f"--out_dir={tmp_path / 'one-out'}"], env=env)
+    assert one.returncode == 0 and "world size 1 (NO)" in one.stdout, one.stderr[-2000:]
+    env = _default_config(tmp_path / "multi", distributed_type="MULTI_CPU", num_processes=2, use_cpu=True,
+                          mpirun_config={})
+    multi = run_cli([*common, f"--out_dir={tmp_path / 'multi-out'}"], env=env)
+    errors = [ln for ln in (multi.stdout + multi.stderr).splitlines() if ln.startswith("error:")]
+    assert multi.returncode != 0 and len(errors) == 1, multi.stdout + multi.stderr
+    assert "asked for several processes but started one" in errors[0] and "cpu_ddp.yaml" in errors[0]
+    assert "nanogpt_hf/" not in multi.stderr and not (tmp_path / "multi-out").exists()  # the launcher reports the exit
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")
 @pytest.mark.parametrize("name", ["single_gpu.yaml", "fsdp.yaml"])  # multi_gpu.yaml: the same check as fsdp.yaml's
 def test_gpu_launch_files_stop_with_one_line_without_gpus(name, tmp_path, char_data):

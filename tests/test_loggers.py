@@ -1,5 +1,6 @@
-"""Loggers for real: W&B in offline mode (its binary run file read back here), TensorBoard event files, and the
-JSONL log they are compared with; a resumed run continues the same W&B run."""
+"""Loggers for real: W&B in offline mode (its binary run file read back here), TensorBoard event files, trackio's
+local database (read back through trackio), and the JSONL log they are compared with; a resumed run continues the
+same W&B and trackio runs."""
 
 import glob
 import json
@@ -50,9 +51,10 @@ def wandb_history(run_file):
 
 def test_wandb_offline_and_tensorboard_log_what_the_jsonl_log_has(tmp_path, char_data):
     out = tmp_path / "out"
-    args = train_args(out, char_data, "--max_iters=8", "--eval_interval=4", "--wandb_log=true", "--loggers=tensorboard",
-                      "--wandb_project=nanogpt-test", "--wandb_run_name=offline-check", "--always_save_checkpoint=true")
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    args = train_args(out, char_data, "--max_iters=8", "--eval_interval=4", "--wandb_log=true",
+                      "--loggers=tensorboard,trackio", "--wandb_project=nanogpt-test", "--wandb_run_name=offline-check",
+                      "--always_save_checkpoint=true")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(tmp_path / "trackio")}
     proc = run_cli(["python", TRAIN, *args], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jsonl = read_log(out)
@@ -84,6 +86,22 @@ def test_wandb_offline_and_tensorboard_log_what_the_jsonl_log_has(tmp_path, char
     assert len(run_ids) == 2 and run_ids[0] == run_ids[1]
     state = json.load(open(sorted(glob.glob(str(out / "checkpoints" / "ckpt-*" / "trainer_state.json")))[-1]))
     assert state["tracker_ids"]["wandb"] == run_ids[0]
+
+    # trackio: one run in the local project, holding every step and evaluation of both legs, read through trackio
+    proc = run_cli(["python", "-c", "import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
+                    "print(json.dumps({r: S.get_logs('nanogpt-test', r) for r in S.get_runs('nanogpt-test')}))"],
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(runs) == [state["tracker_ids"]["trackio"]] and list(runs)[0].startswith("offline-check-")
+    logged = {}
+    for row in runs[list(runs)[0]]:
+        logged.setdefault(row["step"], {}).update(row)
+    for record in read_log(out):  # both legs: iterations 0..9 and the evaluations at 0, 4, 8, 10
+        for key, value in record.items():
+            if key != "iter" and value is not None:
+                assert logged[record["iter"]][key] == pytest.approx(value, rel=1e-6), (record["iter"], key)
+    assert max(logged) == 10 and "val/loss" in logged[10]
 
 
 def test_wandb_without_an_api_key_is_one_line_before_any_training(tmp_path, char_data):

@@ -152,8 +152,8 @@ def test_multiple_choice_in_hellaswag_format(char_run, tmp_path):
             {"ctx": "Then", "endings": ["eee", "thou art", "we go", "no"], "label": 0},
             {"ctx": "And", "endings": ["my lord", "good", "ee", "oh!"], "label": 0}]  # this one is answered wrong
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    result = eval_main(["--init_from", str(folder), "--multiple_choice", str(data)])
-    assert [p["pred"] for p in result["predictions"]] == [1, 0, 2]
+    result = eval_main(["--init_from", str(folder), "--multiple_choice", str(data), "--mc_protocol", "llm.c"])
+    assert result["protocol"] == "llm.c" and [p["pred"] for p in result["predictions"]] == [1, 0, 2]
     assert result["acc"] == pytest.approx(2 / 3) and result["acc_norm"] == pytest.approx(2 / 3)
 
 
@@ -218,36 +218,54 @@ def test_plot_writes_a_png(char_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_lm_evaluation_harness_runs_our_checkpoint_and_agrees_with_nanogpt_eval(tmp_path):
-    """EleutherAI's harness (`hf` model type, trust_remote_code) on a tiny local multiple-choice task: its
-    per-choice log-likelihoods and acc/acc_norm equal nanogpt-eval's on the same data."""
+# HellaSwag's schema (rowanz/hellaswag jsonl), an ActivityNet row and WikiHow rows with their bracket artifacts
+HELLASWAG_ROWS = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3, "source_id": "a",
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
+    {"ind": 92, "activity_label": "Home and Garden", "ctx_a": "[header] How to grow a lemon tree [title] Pick a pot.",
+     "ctx_b": "[step] Lemon trees need room for roots.", "split": "val", "split_type": "zeroshot", "label": 1,
+     "ctx": "[header] How to grow a lemon tree [title] Pick a pot. [step] Lemon trees need room for roots.",
+     "source_id": "b", "endings": ["[substeps] Water it  twice a year.", "Choose a pot that is wide [title] and deep.",
+                                   "Sing to the tree.", "[step] Paint the pot blue."]},
+    {"ind": 7, "activity_label": "Personal Care and Style", "ctx_a": "[header] How to braid hair [title] Brush it.",
+     "ctx_b": "then split it in three", "ctx": "[header] How to braid hair [title] Brush it. then split it in three",
+     "split": "val", "split_type": "indomain", "label": 0, "source_id": "c",
+     "endings": ["sections [step] and cross them over.", "cars.", "[title] Eat lunch.", "the moon  sings."]},
+]
+
+
+def test_multiple_choice_scores_hellaswag_as_lm_evaluation_harness_does(tmp_path):
+    """EleutherAI's harness running its own `hellaswag` task (its preprocessing, read from a local file in
+    HellaSwag's schema) on our checkpoint: the same per-ending log-likelihoods, acc and acc_norm as nanogpt-eval's
+    default protocol. llm.c's protocol, on the same rows, scores other text."""
     import glob
 
-    from nanogpt_hf.evaluate import _read_mc, score_multiple_choice
-    from nanogpt_hf.model_io import load_model_and_tokenizer
+    import lm_eval.tasks
 
     folder = tmp_path / "bpe"
     save_model_folder(tiny_model(vocab_size=50304, block_size=64, seed=3), gpt2_hf_tokenizer(64), str(folder))
-    rows = [{"ctx": "ROMEO: I love", "endings": ["thee", "xqz", "the king", "zzz"], "label": 0},
-            {"ctx": "First Citizen: We are", "endings": ["accounted poor", "qqq", "jjj", "kkk"], "label": 1},
-            {"ctx": "KING RICHARD: My", "endings": ["lord", "vvv", "xxx", "www"], "label": 3}]
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{endings}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    data = tmp_path / "hellaswag_val.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in HELLASWAG_ROWS) + "\n")
+    shipped = os.path.join(os.path.dirname(lm_eval.tasks.__file__), "hellaswag", "hellaswag.yaml")
+    (tmp_path / "hellaswag_local.yaml").write_text(  # the harness's task, only its data read from the local file
+        f"include: {shipped}\ntask: hellaswag_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {data}\ntraining_split: null\n")
     proc = run_cli(["lm_eval", "--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True",
-                    "--tasks", "tiny_mc", "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "2",
-                    "--output_path", str(tmp_path / "out"), "--log_samples"],
+                    "--tasks", "hellaswag_local", "--include_path", str(tmp_path), "--device", "cpu", "--batch_size",
+                    "1", "--output_path", str(tmp_path / "out"), "--log_samples"],
                    env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    samples = [json.loads(line) for f in glob.glob(str(tmp_path / "out" / "*" / "samples_tiny_mc_*.jsonl"))
+    samples = [json.loads(line) for f in glob.glob(str(tmp_path / "out" / "*" / "samples_hellaswag_local_*.jsonl"))
                for line in open(f)]
-    model, tokenizer = load_model_and_tokenizer(str(folder))
-    ours = score_multiple_choice(model.eval(), tokenizer, _read_mc(str(tmp_path / "data.jsonl")))
-    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+    ours = eval_main(["--init_from", str(folder), "--multiple_choice", str(data), "--output", str(tmp_path / "o.json")])
+    assert ours["protocol"] == "lm-eval" and len(samples) == len(HELLASWAG_ROWS)
+    for sample in samples:
         theirs = [float(r[0][0]) for r in sample["resps"]]
         assert theirs == pytest.approx(ours["predictions"][sample["doc_id"]]["scores"], abs=1e-4)
-    results = json.load(open(glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))[0]))["results"]["tiny_mc"]
+    results = json.load(open(glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))[0]))["results"]["hellaswag_local"]
     assert results["acc,none"] == pytest.approx(ours["acc"]) and results["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    raw = eval_main(["--init_from", str(folder), "--multiple_choice", str(data), "--mc_protocol", "llm.c"])
+    assert raw["protocol"] == "llm.c"
+    assert all(r["scores"] != o["scores"] for r, o in zip(raw["predictions"], ours["predictions"]))
