@@ -66,31 +66,9 @@ class CausalSelfAttention(nn.Module):
         """attn_mask: None (causal, or nothing to mask for one query over a full cache), a boolean mask
         (B or 1, 1, T, S) where True means "may attend", or an additive float mask of that shape.
         rotary: (cos, sin) of the positions, each (B or 1, 1, T, hs / 2), with position_embedding="rope"."""
-        B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
-        hs = C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.config.qk_norm:  # QK-norm (Dehghani et al. 2023; modded-nanogpt): bounded attention logits
-            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
-        if rotary is not None:
-            q, k = _rotate(q, *rotary), _rotate(k, *rotary)
-        if cache is not None:
-            # the cache returns all keys/values seen so far: (B, nh, S, hs), S = past + T (a static cache: its size)
-            k, v = cache.update(k, v, self.layer_idx)
-        # Without a mask, a causal mask is only needed when the queries start at the first key; a single
-        # new query (cached decoding) sees every key.
-        is_causal = attn_mask is None and T > 1
-        if output_attentions or self.config._attn_implementation == "eager":
-            y, att = self._eager_attention(q, k, v, attn_mask, is_causal)
-        else:  # flash attention where the device has it
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-            )  # (B, nh, T, hs)
-            att = None
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble all head outputs side by side
-        return self.resid_dropout(self.c_proj(y)), att
+        eager = output_attentions or self.config._attn_implementation == "eager"
+        y, att = _self_attention(self, x, cache, attn_mask, rotary, self.config.qk_norm, eager)
+        return self.resid_dropout(y), att
 
     def _eager_attention(self, q, k, v, attn_mask, is_causal):
         """nanoGPT's manual implementation of attention; it also returns the attention weights (B, nh, T, S)."""
@@ -104,6 +82,45 @@ class CausalSelfAttention(nn.Module):
         att = F.softmax(att.float(), dim=-1).to(q.dtype)
         att = self.attn_dropout(att)
         return att @ v, att  # (B, nh, T, hs), (B, nh, T, S)
+
+
+def _self_attention(attn, x, cache, attn_mask, rotary, qk_norm, eager):
+    """One block's attention on its normed input x (B, T, C), before the residual dropout: (y, weights or None).
+    The module's forward and the inference fast path (_blocks_fast) both run this."""
+    B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
+    nh = attn.n_head
+    hs = C // nh
+    q, k, v = _linear(attn.c_attn, x).split(C, dim=2)
+    k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+    q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+    v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+    if qk_norm:  # QK-norm (Dehghani et al. 2023; modded-nanogpt): bounded attention logits
+        q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+    if rotary is not None:
+        q, k = _rotate(q, *rotary), _rotate(k, *rotary)
+    if cache is not None:
+        # the cache returns all keys/values seen so far: (B, nh, S, hs), S = past + T (a static cache: its size)
+        k, v = cache.update(k, v, attn.layer_idx)
+    # Without a mask, a causal mask is only needed when the queries start at the first key; a single
+    # new query (cached decoding) sees every key.
+    is_causal = attn_mask is None and T > 1
+    if eager:
+        y, att = attn._eager_attention(q, k, v, attn_mask, is_causal)
+    else:  # flash attention where the device has it
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=attn.dropout if attn.training else 0.0, is_causal=is_causal
+        )  # (B, nh, T, hs)
+        att = None
+    y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble all head outputs side by side
+    return _linear(attn.c_proj, y), att
+
+
+def _linear(module, x):
+    """A Linear layer's output; a plain nn.Linear without hooks skips the module call (its Python overhead is most
+    of a decoding step at small sizes). Anything else - peft's LoRA layers, quantized linears, hooks - is called."""
+    if type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks):
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
 
 
 class MLP(nn.Module):
@@ -120,9 +137,14 @@ class MLP(nn.Module):
         self.gelu_approximate = "none" if config.activation_function == "gelu" else "tanh"
 
     def forward(self, x):
-        h = self.c_fc(x)
-        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate=self.gelu_approximate)
-        return self.dropout(self.c_proj(h))
+        return self.dropout(_feed_forward(self, x))
+
+
+def _feed_forward(mlp, x):
+    """The MLP before its dropout (the module's forward and the inference fast path both run this)."""
+    h = _linear(mlp.c_fc, x)
+    h = F.relu(h).square() if mlp.relu2 else F.gelu(h, approximate=mlp.gelu_approximate)
+    return _linear(mlp.c_proj, h)
 
 
 def _norm(config):
@@ -130,6 +152,13 @@ def _norm(config):
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd, eps=config.layer_norm_epsilon)
     return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
+def _apply_norm(norm, x):
+    """A LayerNorm or RMSNorm module's function, without the module call (the inference fast path)."""
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _rotary(position_ids, head_size, theta, dtype):
@@ -293,12 +322,15 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
             rotary = _rotary(position_ids, cfg.n_embd // cfg.n_head, cfg.rope_theta, x.dtype)
 
         all_hidden, all_attentions = (), ()
-        for block in self.h:
-            if output_hidden_states:
-                all_hidden += (x,)
-            x, att = block(x, attn_mask, cache=cache, output_attentions=output_attentions, rotary=rotary)
-            if output_attentions:
-                all_attentions += (att,)
+        if self._can_run_fast(output_attentions, output_hidden_states):
+            x = self._blocks_fast(x, attn_mask, cache, rotary)
+        else:
+            for block in self.h:
+                if output_hidden_states:
+                    all_hidden += (x,)
+                x, att = block(x, attn_mask, cache=cache, output_attentions=output_attentions, rotary=rotary)
+                if output_attentions:
+                    all_attentions += (att,)
         x = self.ln_f(x)
         if output_hidden_states:
             all_hidden += (x,)
@@ -310,6 +342,32 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
             **{_CACHE_FIELD: cache},
         )
         return out if return_dict else out.to_tuple()
+
+    # --------------------------------------------------------------------------------- inference fast path
+    def _can_run_fast(self, output_attentions, output_hidden_states):
+        """Inference (eval mode, no autograd) with SDPA, nothing asked of the blocks but their output, and no hook on
+        any block, attention, MLP or norm module (FSDP, accelerate's device maps, interpretability tools use them;
+        Linear layers are always called when hooked or replaced, see _linear)."""
+        if self.training or torch.is_grad_enabled() or output_attentions or output_hidden_states:
+            return False
+        if self.config._attn_implementation != "sdpa" or torch.compiler.is_compiling():
+            return False
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for block in self.h
+                       for m in (block, block.ln_1, block.attn, block.ln_2, block.mlp))
+
+    def _blocks_fast(self, x, attn_mask, cache, rotary):
+        """The blocks without module calls: the same functions in the same order as Block.forward (dropout is the
+        identity in eval mode), so the same numbers, at a fraction of the Python cost per decoded token."""
+        qk_norm = self.config.qk_norm
+        for block in self.h:
+            y, _ = _self_attention(block.attn, _apply_norm(block.ln_1, x), cache, attn_mask, rotary, qk_norm, False)
+            x = x + y
+            x = x + _feed_forward(block.mlp, _apply_norm(block.ln_2, x))
+        return x
 
     def _check_length(self, T, past):
         # Skipped while compiling: a static cache's length is a tensor, and comparing it would break the graph.
@@ -515,17 +573,23 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _generate_nanogpt(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete the sequence
-        max_new_tokens times, feeding the predictions back into the model each time (nanoGPT's loop)."""
+        max_new_tokens times, feeding the predictions back into the model each time (nanoGPT's loop). In inference
+        the model keeps its keys and values (decode_logits), so each step computes one token, not the whole context;
+        in training mode (dropout on, hooks, ...) it recomputes the context each step, exactly as nanoGPT does."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature} (for greedy decoding use do_sample=False)")
         if top_k is not None and not 0 < top_k:
             raise ValueError(f"top_k must be a positive integer, got {top_k}")
+        cache = DynamicCache(config=self.config) if self.transformer._can_run_fast(False, False) else None
         for _ in range(max_new_tokens):
-            # if the sequence context is growing too long we must crop it at block_size
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
-            logits = self(idx_cond, use_cache=False, logits_to_keep=1).logits
+            if cache is not None:
+                logits = self.decode_logits(idx, cache)
+            else:
+                # if the sequence context is growing too long we must crop it at block_size
+                idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
+                logits = self(idx_cond, use_cache=False, logits_to_keep=1).logits[:, -1, :]
             # pluck the logits at the final step and scale by desired temperature
-            logits = logits[:, -1, :] / temperature
+            logits = logits / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("Inf")
@@ -533,6 +597,67 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+    # ------------------------------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def decode_logits(self, idx, cache):
+        """The next token's logits (B, V), in fp32, for the sequences idx (B, t) whose first cache.get_seq_length()
+        tokens the cache already holds: only the rest is computed. Past block_size, nanoGPT's crop: the cache is
+        emptied and the last block_size tokens recomputed. The inference fast path (eval mode, no hooks on the
+        blocks, no padding): the same numbers as forward(), without its per-call work. nanogpt-sample, the seed
+        API's generate and transformers' generate (_sample) decode through it."""
+        block_size, past = self.config.block_size, cache.get_seq_length()
+        if idx.size(1) > block_size:
+            if past:
+                cache.crop(-past)  # emptied (transformers 5.x, old and new crop semantics alike)
+            idx, past = idx[:, -block_size:], 0
+        new = idx[:, past:]
+        t = self.transformer
+        x = t._embed_tokens(new, past)  # (B, T, n_embd)
+        positions = past + torch.arange(new.size(1), device=new.device)  # (T,)
+        rotary = None
+        if t.wpe is not None:
+            x = x + F.embedding(positions, t.wpe.weight)
+        else:
+            rotary = _rotary(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta, x.dtype)
+        x = _apply_norm(t.ln_f, t._blocks_fast(x, None, cache, rotary))
+        logits = _linear(self.lm_head, x[:, -1:, :])[:, -1, :]  # (B, V)
+        if self.config.logit_softcap:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        return logits.float()
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        """transformers' greedy/sampling loop, run through decode_logits where nothing of the general loop is needed:
+        no padding, a dynamic cache, no streamer, scores or other extras, the fast path's conditions. The logits
+        processors, stopping criteria and token bookkeeping are transformers' own, so the tokens are the same; the
+        per-token cost is a third of the general loop's at small sizes (docs/performance.md). Anything else goes to
+        transformers' own loop."""
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        simple = (
+            not synced_gpus and streamer is None and not generation_config.return_dict_in_generate
+            and model_kwargs.get("attention_mask") is None and model_kwargs.get("inputs_embeds") is None
+            and type(cache) is DynamicCache and not getattr(generation_config, "is_assistant", False)
+            and self.transformer._can_run_fast(False, False)
+        )
+        if not simple:
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        pad = generation_config._pad_token_tensor
+        has_eos = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        while True:
+            scores = logits_processor(input_ids, self.decode_logits(input_ids, cache))
+            if generation_config.do_sample:
+                next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                next_tokens = torch.argmax(scores, dim=-1)
+            if has_eos:
+                next_tokens = next_tokens * unfinished + pad.to(input_ids.device) * (1 - unfinished)
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            unfinished = unfinished & ~stopping_criteria(input_ids, None)
+            if unfinished.max() == 0:
+                return input_ids
 
     # ---------------------------------------------------------------------------------- GPT-2 checkpoints
     @classmethod

@@ -80,17 +80,13 @@ def _filter(logits, top_k, top_p):
 
 @torch.no_grad()
 def sample_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Yields one new token id at a time (shape (B, 1)). KV cache while the sequence fits the context; past it,
-    nanoGPT's cropped recompute of the last block_size tokens."""
-    block_size = model.config.block_size
-    cache, fed = None, 0
+    """Yields one new token id at a time (shape (B, 1)), decoding through the model's key/value cache
+    (NanoGPTForCausalLM.decode_logits: past block_size, nanoGPT's cropped recompute of the last block_size tokens)."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=model.config)
     for _ in range(max_new_tokens):
-        if idx.size(1) <= block_size:
-            out = model(idx[:, fed:], cache=cache, use_cache=True, logits_to_keep=1)
-            cache, fed = getattr(out, "cache", None) or getattr(out, "past_key_values", None), idx.size(1)
-        else:
-            out = model(idx[:, -block_size:], use_cache=False, logits_to_keep=1)
-        logits = _filter(out.logits[:, -1, :].float() / temperature, top_k, top_p)
+        logits = _filter(model.decode_logits(idx, cache) / temperature, top_k, top_p)
         idx_next = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
         idx = torch.cat((idx, idx_next), dim=1)
         yield idx_next
