@@ -174,35 +174,87 @@ def bench_train(shape_name, device, peak, warmup=2, repeats=5, compile_=False, d
 
 
 # ------------------------------------------------------------------------------------------ generation
+def _tokenizer_for(vocab_size, block_size):
+    """A real tokenizer of the shape's vocabulary, for the pipeline path: GPT-2 BPE, or a character vocabulary."""
+    from .tokenization import ASSETS, char_tokenizer, gpt2_hf_tokenizer
+
+    if vocab_size > 50000:
+        return gpt2_hf_tokenizer(block_size)
+    text = open(os.path.join(ASSETS, "tinyshakespeare", "input.txt"), encoding="utf-8").read()
+    return char_tokenizer(sorted(set(text))[: vocab_size - 2], model_max_length=block_size)
+
+
 @torch.no_grad()
 def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, warmup=1, repeats=3):
+    """Batch-1 greedy decoding of new_tokens after a prompt_len prompt, through every path users call, against
+    transformers' GPT2LMHeadModel.generate on identical weights (GPT-2's form: biases, tanh GELU), interleaved run by
+    run. The fp32 paths must give the same tokens; int8 (nanogpt-sample --quantize int8) is reported beside."""
+    import copy
+
+    from transformers import pipeline
+    from transformers.cache_utils import DynamicCache
+
+    from .quantize import int8_available, quantize_int8
+    from .sample import sample_tokens
+
     shape = dict(SHAPES[shape_name], block_size=1024)
     ours, ref = _models(shape, device)
     ours.eval(), ref.eval()
-    prompt = torch.randint(shape["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    tokenizer = _tokenizer_for(shape["vocab_size"], shape["block_size"])
+    prompt = torch.randint(len(tokenizer) - 2, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    text = tokenizer.decode(prompt[0])
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(device)  # the pipeline's prompt, re-encoded
     # no EOS token: every run makes exactly new_tokens (min_new_tokens would add two full-vocabulary logits
-    # processors per token to the measurement, ~0.4 ms of its ~7)
-    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    # processors per token to the measurement)
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    sampling = dict(kw, do_sample=True, top_k=1)  # the seed API's and nanogpt-sample's work: top-k, softmax, draw
+    pipe_kw = dict(max_new_tokens=new_tokens, do_sample=False, return_tensors=True)
+    pipes = {name: pipeline("text-generation", model=m, tokenizer=tokenizer, device=device) for name, m in
+             (("ours", ours), ("gpt2", ref))}
+
+    def sample_loop():
+        return torch.cat([prompt, *sample_tokens(ours, prompt, new_tokens, top_k=1)], dim=1)
+
     fns = {
-        "nanogpt_hf_kv_cache": lambda: ours.generate(prompt, use_cache=True, **kw),
-        "nanogpt_hf_recompute": lambda: ours.generate(prompt, new_tokens, top_k=1),  # nanoGPT's loop, no cache
-        "GPT2LMHeadModel_kv_cache": lambda: ref.generate(prompt, use_cache=True, **kw),
-        "nanogpt_hf_first_token": lambda: ours(prompt, use_cache=True, logits_to_keep=1),
-        "GPT2LMHeadModel_first_token": lambda: ref(prompt, use_cache=True, logits_to_keep=1),
+        "GPT2LMHeadModel generate": lambda: ref.generate(prompt, **kw),
+        "GPT2LMHeadModel generate, sampling top_k=1": lambda: ref.generate(prompt, **sampling),
+        "generate": lambda: ours.generate(prompt, **kw),
+        "GPT2LMHeadModel generate, static cache": lambda: ref.generate(prompt, cache_implementation="static", **kw),
+        "generate, static cache": lambda: ours.generate(prompt, cache_implementation="static", **kw),
+        "seed API generate(idx, n, top_k=1)": lambda: ours.generate(prompt, new_tokens, top_k=1),
+        "nanogpt-sample loop": sample_loop,
+        "GPT2LMHeadModel pipeline": lambda: pipes["gpt2"](text, **pipe_kw),
+        "pipeline": lambda: pipes["ours"](text, **pipe_kw),
     }
-    for name in ("nanogpt_hf_kv_cache", "nanogpt_hf_recompute", "GPT2LMHeadModel_kv_cache"):
-        if fns[name]().size(1) != prompt_len + new_tokens:  # tokens/s below assumes every run made them all
-            raise RuntimeError(f"{name} stopped before {new_tokens} new tokens")
+    if device.type == "cpu" and int8_available():  # nanogpt-sample --quantize int8; quantize_int8(model) elsewhere
+        quantized = quantize_int8(copy.deepcopy(ours))
+        int8_pipe = pipeline("text-generation", model=quantized, tokenizer=tokenizer, device=device)
+        fns["generate, int8 weights"] = lambda: quantized.generate(prompt, **kw)
+        fns["seed API generate, int8 weights"] = lambda: quantized.generate(prompt, new_tokens, top_k=1)
+        fns["nanogpt-sample loop, int8 weights"] = lambda: torch.cat(
+            [prompt, *sample_tokens(quantized, prompt, new_tokens, top_k=1)], dim=1)
+        fns["pipeline, int8 weights"] = lambda: int8_pipe(text, **pipe_kw)
+    tokens = {name: fns[name]() for name in ("generate", "generate, static cache", "seed API generate(idx, n, top_k=1)",
+                                             "nanogpt-sample loop")}
+    same = all(torch.equal(t, tokens["generate"]) for t in tokens.values())
+    pipe_ids = [torch.tensor(fns[n]()[0]["generated_token_ids"]) for n in ("pipeline", "GPT2LMHeadModel pipeline")]
+    if any(len(p) != ids.size(1) + new_tokens for p in pipe_ids):
+        raise RuntimeError("a pipeline stopped before its new tokens")  # tokens/s below assumes every run made them
     times = _interleaved(fns, device, warmup, repeats)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    tps = {k: new_tokens / v for k, v in med.items() if not k.endswith("first_token")}
-    return {
-        "what": "generate", "shape": shape_name, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1,
-        "tokens_per_s": tps,
-        "time_to_first_token_ms": {k.replace("_first_token", ""): v * 1000 for k, v in med.items() if k.endswith("first_token")},
-        "kv_cache_vs_recompute": tps["nanogpt_hf_kv_cache"] / tps["nanogpt_hf_recompute"],
-        "kv_cache_vs_GPT2LMHeadModel": tps["nanogpt_hf_kv_cache"] / tps["GPT2LMHeadModel_kv_cache"],
-    }
+    tps = {k: new_tokens / statistics.median(v) for k, v in times.items()}
+    def reference(name):  # GPT-2 doing the same work: pipeline, static cache, sampling (seed API, nanogpt-sample)
+        if "pipeline" in name:
+            return tps["GPT2LMHeadModel pipeline"]
+        if "static" in name:
+            return tps["GPT2LMHeadModel generate, static cache"]
+        if "seed API" in name or "nanogpt-sample" in name:
+            return tps["GPT2LMHeadModel generate, sampling top_k=1"]
+        return tps["GPT2LMHeadModel generate"]
+
+    return {"what": "generate", "shape": shape_name, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1,
+            "tokens_per_s": tps, "vs_GPT2LMHeadModel": {k: tps[k] / reference(k) for k in tps
+                                                        if not k.startswith("GPT2LMHeadModel")},
+            "same_tokens_fp32_paths": same}
 
 
 # ------------------------------------------------------------------------------------------ prepare, startup
@@ -421,12 +473,11 @@ def _print(result):
               f"speed-up x{result['speedup_vs_GPT2LMHeadModel']:.2f}" +
               (f" | nanoGPT {ms['nanoGPT']:8.1f} ms, speed-up x{result['speedup_vs_nanoGPT']:.2f}" if "nanoGPT" in ms else ""))
     elif what == "generate":
-        t = result["tokens_per_s"]
-        print(f"generate {result['shape']} batch 1, {result['new_tokens']} new tokens | KV cache {t['nanogpt_hf_kv_cache']:.0f} tok/s, "
-              f"recompute {t['nanogpt_hf_recompute']:.0f} tok/s (x{result['kv_cache_vs_recompute']:.2f}), "
-              f"GPT2LMHeadModel {t['GPT2LMHeadModel_kv_cache']:.0f} tok/s (x{result['kv_cache_vs_GPT2LMHeadModel']:.2f}) | "
-              f"first token {result['time_to_first_token_ms']['nanogpt_hf']:.1f} ms vs "
-              f"{result['time_to_first_token_ms']['GPT2LMHeadModel']:.1f} ms")
+        print(f"generate {result['shape']}, batch 1, {result['new_tokens']} new tokens (tokens/s; x GPT2LMHeadModel's "
+              f"same path; fp32 paths give the same tokens: {result['same_tokens_fp32_paths']})")
+        for name, tps in result["tokens_per_s"].items():
+            ratio = result["vs_GPT2LMHeadModel"].get(name)
+            print(f"  {name:<42} {tps:8.0f}" + (f"   x{ratio:.2f}" if ratio else ""))
     elif what == "prepare":
         print(f"prepare {result['corpus_mb']:.0f} MB, num_proc {result['num_proc']} | {result['seconds']:.1f} s, "
               f"{result['end_to_end_mb_per_s']:.1f} MB/s end to end, tokenizer {result['tokenize_mb_per_s']:.1f} MB/s | "
@@ -520,8 +571,9 @@ def main(argv=None):
             report({"what": "peak", "dtype": "float32", "flops": measured_matmul_flops(),
                     "source": "re-measured after training"})
     if "generate" in whats:
-        report(bench_generate(device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                              warmup=1, repeats=max(1, args.repeats // 2)))
+        for shape in (args.shapes or "quickstart,baby").split(","):
+            report(bench_generate(device, shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                  warmup=1, repeats=max(1, args.repeats // 2)))
     if "prepare" in whats:
         report(bench_prepare(args.corpus_mb, args.num_proc))
     if "startup" in whats:

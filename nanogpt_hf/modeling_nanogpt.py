@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -606,10 +606,12 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         emptied and the last block_size tokens recomputed. The inference fast path (eval mode, no hooks on the
         blocks, no padding): the same numbers as forward(), without its per-call work. nanogpt-sample, the seed
         API's generate and transformers' generate (_sample) decode through it."""
-        block_size, past = self.config.block_size, cache.get_seq_length()
+        block_size, past = self.config.block_size, int(cache.get_seq_length())
         if idx.size(1) > block_size:
-            if past:
-                cache.crop(-past)  # emptied (transformers 5.x, old and new crop semantics alike)
+            if past and getattr(cache, "is_compileable", False):
+                cache.reset()  # a static cache: its slots are overwritten from position 0 again
+            elif past:
+                cache.crop(-past)  # a dynamic cache: emptied (transformers 5.x, old and new crop semantics alike)
             idx, past = idx[:, -block_size:], 0
         new = idx[:, past:]
         t = self.transformer
@@ -620,7 +622,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             x = x + F.embedding(positions, t.wpe.weight)
         else:
             rotary = _rotary(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta, x.dtype)
-        x = _apply_norm(t.ln_f, t._blocks_fast(x, None, cache, rotary))
+        attn_mask = _attention_mask(None, new.size(1), past, _static_length(cache), x.device)  # a static cache's
+        x = _apply_norm(t.ln_f, t._blocks_fast(x, attn_mask, cache, rotary))
         logits = _linear(self.lm_head, x[:, -1:, :])[:, -1, :]  # (B, V)
         if self.config.logit_softcap:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
@@ -629,7 +632,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
         """transformers' greedy/sampling loop, run through decode_logits where nothing of the general loop is needed:
-        no padding, a dynamic cache, no streamer, scores or other extras, the fast path's conditions. The logits
+        no padding, a dynamic or static cache, no streamer, scores or other extras, the fast path's conditions. The logits
         processors, stopping criteria and token bookkeeping are transformers' own, so the tokens are the same; the
         per-token cost is a third of the general loop's at small sizes (docs/performance.md). Anything else goes to
         transformers' own loop."""
@@ -637,7 +640,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         simple = (
             not synced_gpus and streamer is None and not generation_config.return_dict_in_generate
             and model_kwargs.get("attention_mask") is None and model_kwargs.get("inputs_embeds") is None
-            and type(cache) is DynamicCache and not getattr(generation_config, "is_assistant", False)
+            and type(cache) in (DynamicCache, StaticCache) and not getattr(generation_config, "is_assistant", False)
             and self.transformer._can_run_fast(False, False)
         )
         if not simple:

@@ -46,8 +46,17 @@ def test_option_round_trips_and_generates_with_the_cache_past_block_size(name, t
     uncached = model.generate(x, max_new_tokens=40, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
     torch.manual_seed(1)
-    seed_api = model.generate(x, 40, temperature=1.0, top_k=1)  # nanoGPT's loop, recomputing the cropped context
+    seed_api = model.generate(x, 40, temperature=1.0, top_k=1)  # nanoGPT's loop, over the cache
     assert torch.equal(seed_api, cached)
+    # the inference fast path computes the same numbers as forward() with a cache, prefill and one-token steps alike
+    from transformers.cache_utils import DynamicCache
+
+    fast, regular = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    longer = torch.cat([x, cached[:, 12:13]], dim=1)
+    with torch.no_grad():
+        assert torch.equal(model.decode_logits(x, fast), model(x, cache=regular, use_cache=True).logits[:, -1])
+        step = model(longer[:, -1:], cache=regular, use_cache=True).logits[:, -1]
+        assert torch.equal(model.decode_logits(longer, fast), step)
 
 
 def test_rope_equals_transformers_llama_rotary():

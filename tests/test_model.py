@@ -165,6 +165,43 @@ def test_left_padding_gives_the_unpadded_result(tiny):
     assert torch.equal(out[0], tiny.generate(a, max_new_tokens=10, do_sample=False)[0])
 
 
+@pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)])
+def test_generate_takes_the_fast_loop_with_transformers_tokens(sampling):
+    """transformers' generate runs our decode loop where nothing of its general loop is needed: the same tokens as
+    its own loop (return_dict_in_generate forces that one), greedy and seeded sampling, an end-of-text stop in a
+    batch; a hook on a block sends it back to the general loop, which calls the hook."""
+    model = tiny_model(seed=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(20) if p.dim() == 2 else None  # varied continuations, and some stop at eos
+    x = torch.randint(0, 96, (3, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=30, eos_token_id=7, pad_token_id=0, attention_mask=torch.ones_like(x), **sampling)
+    torch.manual_seed(5)
+    fast = model.generate(x, **kw)
+    torch.manual_seed(5)
+    general = model.generate(x, return_dict_in_generate=True, **kw).sequences
+    assert torch.equal(fast, general)
+    calls = []
+    handle = model.transformer.h[0].register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(5)
+    assert torch.equal(model.generate(x, **kw), fast) and len(calls) > 1
+    handle.remove()
+
+
+def test_int8_weights_stay_close_and_generate():
+    from nanogpt_hf.quantize import Int8Linear, quantize_int8
+
+    model = tiny_model(vocab_size=96, bias=True)
+    x = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        reference = model(x).logits
+        quantized = quantize_int8(tiny_model(vocab_size=96, bias=True))
+        logits = quantized(x).logits
+    assert isinstance(quantized.lm_head, Int8Linear) and type(quantized.transformer.wte) is torch.nn.Embedding
+    assert (logits - reference).abs().max() < 0.02 * reference.abs().max()
+    assert quantized.generate(x, max_new_tokens=8, do_sample=False).shape == (2, 20)
+
+
 def test_hf_generation_modes_work(tiny):
     x = torch.randint(0, 96, (2, 4))
     torch.manual_seed(0)
