@@ -9,6 +9,8 @@
     nanogpt-bench --what memory                    # memory per GPU to finetune gpt2..gpt2-xl (memory.py)
     nanogpt-bench --what speedrun [--nanogpt_dir ../nanoGPT]   # time to nanoGPT's CPU loss: its command vs the
                                                    # speedrun config, side by side (docs/speedrun.md)
+    nanogpt-bench --what gpu                       # one GPU: 124M compile+bf16 MFU, pipeline, FSDP, speedrun steps,
+                                                   # generation (at most ~8 minutes; a CPU machine: one error line)
 
 Every figure is the median of --repeats timed runs after --warmup untimed ones; ours and the references are
 interleaved run by run, so a machine whose speed drifts affects all alike. References: transformers'
@@ -41,7 +43,7 @@ from .hardware import keep_freed_memory_mapped, measured_matmul_flops, peak_flop
 __all__ = ["SHAPES", "main", "bench_train", "bench_generate"]
 
 # named shapes: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
-WHATS = ("train", "generate", "prepare", "startup", "quickstart", "memory", "speedrun")
+WHATS = ("train", "generate", "prepare", "startup", "quickstart", "memory", "speedrun", "gpu")
 
 # nanoGPT's documented CPU command for the baby GPT (README, "I only have a macbook"), flags after the config file
 NANOGPT_CPU_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
@@ -192,7 +194,6 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
     import copy
 
     from transformers import pipeline
-    from transformers.cache_utils import DynamicCache
 
     from .quantize import int8_available, quantize_int8
     from .sample import sample_tokens
@@ -366,20 +367,25 @@ def bench_quickstart(seed=None, iters=None):
 
 # ------------------------------------------------------------------------------------------ speedrun
 EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+ITER_LINE = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")  # nanoGPT's line, and ours outside a terminal
 
 
 def _run_timed(cmd, cwd):
     """Runs a training command; returns (seconds from process start to exit, [(seconds, iter, val estimate)] for
-    each evaluation line as it appeared on stdout: how the run's loss fell over wall time)."""
+    each evaluation line as it appeared on stdout: how the run's loss fell over wall time, [ms of each iteration
+    as the run logged it])."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    curve = []
+    curve, step_ms = [], []
 
     def read_stdout():
         for line in proc.stdout:
             m = EVAL_LINE.search(line)
             if m:
                 curve.append((time.perf_counter() - t0, int(m.group(1)), float(m.group(3))))
+            m = ITER_LINE.search(line)
+            if m and int(m.group(1)) > 0:  # iteration 0 includes the first evaluation's time in nanoGPT's log
+                step_ms.append(float(m.group(2)))
 
     reader = threading.Thread(target=read_stdout, daemon=True)
     reader.start()
@@ -389,7 +395,7 @@ def _run_timed(cmd, cwd):
     reader.join()
     if proc.returncode != 0:
         raise UserError(f"{' '.join(cmd[:4])} ... failed: {tail}")
-    return seconds, curve
+    return seconds, curve, step_ms
 
 
 def _full_val_loss(model, data_dir):
@@ -417,20 +423,40 @@ def _nanogpt_checkpoint_model(path):
     return model
 
 
+def _nanogpt_data(folder, data_dir):
+    """nanoGPT's data/shakespeare_char layout under folder, from our prepared folder: the same bins, and the meta.pkl
+    nanoGPT's train.py reads its vocabulary size from (written for it; nothing here reads a pickle)."""
+    import pickle
+
+    target = os.path.join(folder, "data", "shakespeare_char")
+    os.makedirs(target, exist_ok=True)
+    for name in ("train.bin", "val.bin"):
+        os.link(os.path.join(data_dir, name), os.path.join(target, name))
+    meta = json.load(open(os.path.join(data_dir, "meta.json"), encoding="utf-8"))
+    itos = {int(i): ch for i, ch in meta["itos"].items()}
+    with open(os.path.join(target, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": meta["vocab_size"], "itos": itos, "stoi": {ch: i for i, ch in itos.items()}}, f)
+
+
 def _classic_run(folder, data_dir, nanogpt_dir, extra=()):
     """nanoGPT's CPU command: its own train.py from a checkout, else our classic recipe with nanoGPT's settings
     (train_shakespeare_char_cpu with learning_rate 1e-3, min_lr 1e-4: nanoGPT's command exactly)."""
     if nanogpt_dir:
+        if not os.path.isfile(os.path.join(nanogpt_dir, "train.py")):
+            raise UserError(f"--nanogpt_dir: {nanogpt_dir}/train.py does not exist; point it at a clone of karpathy/nanoGPT")
+        _nanogpt_data(folder, data_dir)
+        # its train.py execs ./configurator.py (its command-line parser) from the working directory
+        os.symlink(os.path.join(os.path.abspath(nanogpt_dir), "configurator.py"), os.path.join(folder, "configurator.py"))
         out = os.path.join(folder, "nanogpt-out")
         cmd = [sys.executable, os.path.join(nanogpt_dir, "train.py"),
                os.path.join(nanogpt_dir, "config", "train_shakespeare_char.py"), *NANOGPT_CPU_FLAGS, f"--out_dir={out}"]
-        seconds, curve = _run_timed(cmd, folder)  # it reads data/shakespeare_char under its working directory
-        return "nanoGPT train.py", seconds, curve, _nanogpt_checkpoint_model(os.path.join(out, "ckpt.pt"))
+        seconds, curve, step_ms = _run_timed(cmd, folder)  # it reads data/shakespeare_char under its working directory
+        return "nanoGPT train.py", seconds, curve, step_ms, _nanogpt_checkpoint_model(os.path.join(out, "ckpt.pt"))
     from .modeling_nanogpt import NanoGPTForCausalLM
 
-    seconds, curve = _run_timed(_training_command("train_shakespeare_char_cpu", folder, data_dir, "classic",
-                                                  "--learning_rate=1e-3", "--min_lr=1e-4", *extra), folder)
-    return "classic recipe (nanoGPT's settings)", seconds, curve, NanoGPTForCausalLM.from_pretrained(
+    seconds, curve, step_ms = _run_timed(_training_command("train_shakespeare_char_cpu", folder, data_dir, "classic",
+                                                           "--learning_rate=1e-3", "--min_lr=1e-4", *extra), folder)
+    return "classic recipe (nanoGPT's settings)", seconds, curve, step_ms, NanoGPTForCausalLM.from_pretrained(
         os.path.join(folder, "classic"))
 
 
@@ -443,18 +469,104 @@ def bench_speedrun(nanogpt_dir=None, config="speedrun_shakespeare_char_cpu", ext
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = _prepare_shakespeare_char(tmp)
-        name, classic_s, classic_curve, classic_model = _classic_run(tmp, data_dir, nanogpt_dir, extra)
+        name, classic_s, classic_curve, classic_ms, classic_model = _classic_run(tmp, data_dir, nanogpt_dir, extra)
         target = _full_val_loss(classic_model, data_dir)
-        speed_s, _ = _run_timed(_training_command(config, tmp, data_dir, "speedrun", *extra), tmp)
+        speed_s, speed_curve, speed_ms = _run_timed(_training_command(config, tmp, data_dir, "speedrun", *extra), tmp)
         speed_model = NanoGPTForCausalLM.from_pretrained(os.path.join(tmp, "speedrun"))
         speed_loss = _full_val_loss(speed_model, data_dir)
+        startup = [ln for ln in open(os.path.join(tmp, "speedrun", "train_config.yaml")) if "muon_ns_dtype" in ln]
     # the classic run at the speedrun's wall time: its last evaluation by then (its own val estimate)
     at_equal_time = [(t, it, loss) for t, it, loss in classic_curve if t <= speed_s]
+    median = lambda ms: statistics.median(ms) if ms else None  # noqa: E731
     return {"what": "speedrun", "classic": name, "config": config, "target_val_loss": target,
             "classic_seconds": classic_s, "classic_params": classic_model.num_parameters(),
+            "classic_ms_per_iter": median(classic_ms), "classic_iters": classic_curve[-1][1] if classic_curve else None,
             "speedrun_seconds": speed_s, "speedrun_val_loss": speed_loss, "speedrun_params": speed_model.num_parameters(),
+            "speedrun_ms_per_iter": median(speed_ms), "speedrun_iters": speed_curve[-1][1] if speed_curve else None,
+            "muon_ns_dtype": startup[0].split(":")[1].strip() if startup else None,
             "reached": speed_loss <= target, "time_ratio": speed_s / classic_s,
             "classic_at_equal_time": at_equal_time[-1] if at_equal_time else None}
+
+
+# ------------------------------------------------------------------------------------------ GPU proof
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout: accelerate_configs/ is there
+GPU_RUN = dict(train=["--config", "train_gpt2", "--dtype=bfloat16", "--compile=true", "--max_iters=40",
+                      "--eval_interval=40", "--eval_iters=10", "--log_interval=1", "--warmup_iters=5",
+                      "--gradient_accumulation_steps=1", "--batch_size=16", "--wandb_log=false"],
+               fsdp=["--config", "finetune_shakespeare", "--init_from=scratch", "--n_layer=12", "--n_head=12",
+                     "--n_embd=768", "--block_size=1024", "--bias=false", "--dtype=bfloat16", "--batch_size=8",
+                     "--gradient_accumulation_steps=2", "--eval_interval=10", "--eval_iters=5",
+                     "--always_save_checkpoint=true"],
+               speedrun=["--config", "speedrun_gpt2", "--max_iters=20", "--eval_interval=20", "--eval_iters=5",
+                         "--log_interval=1", "--gradient_accumulation_steps=1", "--batch_size=16", "--wandb_log=false"],
+               shape="124M", fsdp_iters=(10, 20), new_tokens=256)
+
+
+def _step_figures(out, skip=5):
+    """(median ms/iter, tokens/s, MFU or None) of a run's journal, past its first `skip` steps (compilation)."""
+    records = [r for r in RunDir(out).read_log() if "time_ms" in r][skip:]
+    if not records:
+        return None, None, None
+    ms = statistics.median(r["time_ms"] for r in records)
+    mfu = records[-1].get("mfu")
+    return ms, statistics.median(r["tokens_per_s"] for r in records), mfu
+
+
+def _checked(cmd, cwd, env=None):
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise UserError(f"{' '.join(cmd[:6])} ... failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return proc
+
+
+def gpu_proof(device, run=None, env=None):
+    """The GPU path through the trainer's own loop, in one run: the 124M model in bf16 with torch.compile (ms/iter,
+    tokens/s, MFU against the device's dense bf16 peak), its checkpoint loaded back and sampled through `pipeline`,
+    accelerate_configs/fsdp.yaml on one process (train, evaluate, checkpoint, resume), a few steps of speedrun_gpt2,
+    and cached generation against GPT2LMHeadModel. `run` shrinks it (tests exercise the same code on a CPU)."""
+    from transformers import pipeline
+
+    from .prepare import prepare_shakespeare
+
+    run = {**GPU_RUN, **(run or {})}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        with contextlib.redirect_stdout(io.StringIO()):
+            prepare_shakespeare(data)  # shipped Tiny Shakespeare, GPT-2 BPE
+        out = os.path.join(tmp, "train")
+        t0 = time.perf_counter()
+        _checked([sys.executable, "-m", "nanogpt_hf.train", *run["train"], f"--data_dir={data}", f"--out_dir={out}"],
+                 tmp, env)
+        ms, tps, mfu = _step_figures(out)
+        rows.append(("train (compile, bf16)", f"{ms:.1f} ms/iter, {tps:,.0f} tok/s, MFU "
+                     f"{'n/a' if mfu is None else f'{mfu * 100:.1f}%'}, {time.perf_counter() - t0:.0f} s in all"))
+        pipe = pipeline("text-generation", model=out, device=device)
+        text = pipe("ROMEO:", max_new_tokens=20, do_sample=False)[0]["generated_text"]
+        rows.append(("checkpoint -> pipeline", f"loaded and sampled: {text[:40]!r}"))
+
+        fsdp, launch = os.path.join(tmp, "fsdp"), os.path.join(ROOT, "accelerate_configs", "fsdp.yaml")
+        if not os.path.isfile(launch):
+            raise UserError(f"{launch} is missing: run nanogpt-bench --what gpu from a checkout of nanogpt-hf")
+        first, last = run["fsdp_iters"]
+        base = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch, "--num_processes", "1",
+                "-m", "nanogpt_hf.train"]
+        _checked([*base, *run["fsdp"], f"--max_iters={first}", f"--data_dir={data}", f"--out_dir={fsdp}"], tmp, env)
+        resumed = _checked([*base, "--init_from=resume", f"--out_dir={fsdp}", f"--max_iters={last}"], tmp, env)
+        ok = "Resuming training from" in resumed.stdout and "(FSDP)" in resumed.stdout
+        rows.append(("fsdp.yaml, 1 process", f"trained to {first}, resumed to {last}: "
+                     f"{'ok' if ok else 'NOT resumed under FSDP'}; {_step_figures(fsdp, 2)[0]:.1f} ms/iter"))
+
+        speed = os.path.join(tmp, "speedrun")
+        _checked([sys.executable, "-m", "nanogpt_hf.train", *run["speedrun"], f"--data_dir={data}",
+                  f"--out_dir={speed}"], tmp, env)
+        ms, tps, mfu = _step_figures(speed)
+        rows.append(("speedrun_gpt2 steps", f"{ms:.1f} ms/iter, {tps:,.0f} tok/s"))
+    generated = bench_generate(torch.device(device), run["shape"], new_tokens=run["new_tokens"], repeats=3)
+    t = generated["tokens_per_s"]
+    rows.append(("cached generation, batch 1", f"{t['generate']:.0f} tok/s vs GPT2LMHeadModel "
+                 f"{t['GPT2LMHeadModel generate']:.0f} (x{generated['vs_GPT2LMHeadModel']['generate']:.2f})"))
+    return {"what": "gpu", "device": str(device), "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -494,6 +606,11 @@ def _print(result):
         print(f"speedrun: {result['classic']} ({result['classic_params'] / 1e6:.2f}M params) reaches val loss "
               f"{result['target_val_loss']:.4f} (full pass) in {result['classic_seconds']:.1f} s; {result['config']} "
               f"({result['speedrun_params'] / 1e6:.2f}M params) {reached}, val loss {result['speedrun_val_loss']:.4f}")
+        ms = lambda v: "n/a" if v is None else f"{v:.1f} ms"  # noqa: E731
+        print(f"speedrun: per iteration (median of the logged steps) {ms(result['classic_ms_per_iter'])} x "
+              f"{result['classic_iters']} iterations against {ms(result['speedrun_ms_per_iter'])} x "
+              f"{result['speedrun_iters']} (Muon's Newton-Schulz in {result['muon_ns_dtype']}); the rest of each wall "
+              f"time is start-up and evaluation")
         equal = result["classic_at_equal_time"]
         if equal:
             print(f"speedrun: at {result['speedrun_seconds']:.1f} s the classic run was at iteration {equal[1]} with val "
@@ -501,6 +618,10 @@ def _print(result):
                   f"{result['speedrun_val_loss']:.4f}")
         else:
             print(f"speedrun: at {result['speedrun_seconds']:.1f} s the classic run had not evaluated yet")
+    elif what == "gpu":
+        print(f"GPU proof on {result['device']}:")
+        for name, value in result["rows"]:
+            print(f"  {name:<28} {value}")
     elif what == "memory":
         from .memory import format_memory_table
 
@@ -540,6 +661,9 @@ def main(argv=None):
     unknown = set(whats) - set(WHATS)
     if unknown:
         raise UserError(f"--what: unknown {', '.join(sorted(unknown))}; choose from {', '.join(WHATS)}")
+    if "gpu" in whats and device.type != "cuda":
+        raise UserError("--what gpu proves the GPU path (124M with compile in bf16, FSDP, the speedrun, generation) "
+                        "and needs a CUDA GPU; none is visible here")
     shapes = (args.shapes or ("quickstart,baby" if device.type == "cpu" else ",".join(SHAPES))).split(",")
     if set(shapes) - set(SHAPES):
         raise UserError(f"--shapes: unknown {', '.join(sorted(set(shapes) - set(SHAPES)))}; choose from {', '.join(SHAPES)}")
@@ -582,6 +706,8 @@ def main(argv=None):
         report(bench_quickstart(args.seed, args.quickstart_iters))
     if "speedrun" in whats:
         report(bench_speedrun(args.nanogpt_dir, args.speedrun_config))
+    if "gpu" in whats:
+        report(gpu_proof(device))
     if "memory" in whats:
         from .memory import memory_table
 

@@ -6,8 +6,12 @@ Kills a tiny trainer (SIGKILL) at every phase of a training step, an evaluation,
 refresh and the journal append, then resumes it with init_from=auto from a differently seeded process and checks
 the result against one uninterrupted run: every complete checkpoint matches its manifest, the journal holds each
 step and each evaluation exactly once, the per-step losses and final weights are bit-identical, the model folder
-equals the newest checkpoint. Then SIGTERM/SIGINT at random moments, and bad inputs: each must be one `error:`
-line and exit code 2, with the run folder and the data folder unchanged (hashed before and after).
+equals the newest checkpoint. Then SIGTERM/SIGINT at random moments; the plainest resume command (no flag but
+init_from, out_dir and max_iters) after kills; a kill while a checkpoint of the same iteration is replaced; and bad
+or untrusted inputs (a crafted manifest, code in a model folder, edited data, a diverging learning rate): each must
+be one `error:` line and exit code 2, with the run folder and the data folder unchanged (hashed before and after).
+
+    python tests/fault_campaign.py --only plain,replace,bad_inputs      # a subset
 """
 
 import argparse
@@ -32,8 +36,9 @@ KILL_POINTS = ["step@1", "step@4", "step@9", "step@15", "step@22", "eval@2", "ev
                "publish_file@3", "step@24"]
 
 
-def run(out, data, *extra, env=None, timeout=300):
-    cmd = [sys.executable, TRAIN, *ARGS, f"--data_dir={data}", f"--out_dir={out}", *extra]
+def run(out, data, *extra, env=None, timeout=300, plain=False):
+    """The campaign's trainer; plain=True: only the extra arguments (the plainest resume command)."""
+    cmd = [sys.executable, TRAIN, *([] if plain else [*ARGS, f"--data_dir={data}"]), f"--out_dir={out}", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
@@ -90,6 +95,31 @@ def sigkill_campaign(tmp, data, reference, table):
         resumed = run(out, data, "--init_from=auto", *(["--seed=4242"] if has_ckpt else []))
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         table.append((f"SIGKILL at {point}", killed.returncode == -9, *check(out, reference)))
+
+
+def plain_resume_campaign(tmp, data, reference, table):
+    """Killed runs continued by `--init_from=resume --out_dir=X --max_iters=24` alone: the run's accumulation,
+    dropout, data and schedule come back from its checkpoint (they were once the command line's defaults)."""
+    for point in ["step@9", "eval@6", "checkpoint@2", "step@22"]:  # each after the first checkpoint
+        out = os.path.join(tmp, "plain-" + point.replace("@", "-"))
+        killed = run(out, data, env={"NANOGPT_KILL_AT": point})
+        resumed = run(out, data, "--init_from=resume", "--max_iters=24", plain=True)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        table.append((f"SIGKILL at {point}, then the plainest resume", killed.returncode == -9, *check(out, reference)))
+
+
+def replace_campaign(tmp, data, reference, table):
+    """A run to iteration 12 rerun from its checkpoint of 6 to 24 saves iteration 12 again; SIGKILL while the old copy
+    is being replaced (after it is set aside, before the new one is in place), then init_from=auto."""
+    out = os.path.join(tmp, "replace")
+    assert run(out, data, "--keep_last=5", "--max_iters=12").returncode == 0  # checkpoints 6 and 12
+    older = os.path.join(out, "checkpoints", "ckpt-0000006")
+    killed = run(out, data, "--keep_last=5", "--init_from=resume", f"--resume_from={older}",
+                 env={"NANOGPT_KILL_AT": "replace@1"})
+    resumed = run(out, data, "--keep_last=5", "--init_from=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    table.append(("SIGKILL while replacing a checkpoint of the same iteration", killed.returncode == -9,
+                  *check(out, reference)))
 
 
 def signal_campaign(tmp, data, table, rng):
@@ -170,6 +200,12 @@ BAD_INPUTS = [
     (["--data_dir=@BIGIDS", "--out_dir=@EMPTY"], "outside meta.json's vocabulary"),
     (["--data_dir=@BADMETA", "--out_dir=@EMPTY"], "meta.json is unreadable"),
     (["--init_from=resume", "--resume_from=@DAMAGED"], "does not match its manifest"),
+    # untrusted input: a pulled training state, a downloaded model folder, data edited in place, a diverging run
+    (["--init_from=resume", "--resume_from=@CRAFTED"], "not a plain path inside the checkpoint"),
+    (["--init_from=@EVIL", "--out_dir=@EMPTY"], "runs only with --trust_remote_code=true"),
+    (["--data_dir=@SHIFTED", "--out_dir=@EMPTY"], "content fingerprint differs"),
+    (["--init_from=resume", "--out_dir=@DIVERGE", "--max_iters=60", "--learning_rate=1e9", "--decay_lr=false",
+      "--grad_clip=0"], "training diverged"),
 ]
 
 
@@ -193,6 +229,26 @@ def bad_input_campaign(tmp, data, reference, table):
     open(os.path.join(folders["@EMPTYBIN"], "train.bin"), "wb").close()
     open(os.path.join(folders["@BADMETA"], "meta.json"), "w").write("{not json")
     shutil.copytree(reference, folders["@DAMAGED"])
+    folders.update({"@CRAFTED": os.path.join(tmp, "crafted"), "@EVIL": os.path.join(tmp, "evil"),
+                    "@SHIFTED": os.path.join(tmp, "shifted"), "@DIVERGE": os.path.join(tmp, "diverge")})
+    shutil.copytree(reference, folders["@CRAFTED"])
+    shutil.copytree(reference, folders["@DIVERGE"])
+    crafted = os.path.join(folders["@CRAFTED"], "checkpoints",
+                           sorted(os.listdir(os.path.join(folders["@CRAFTED"], "checkpoints")))[-1], "MANIFEST.json")
+    manifest = json.load(open(crafted))
+    manifest["files"]["../../../../dev/zero"] = {"size": 1 << 40, "sha256": "0" * 64}
+    json.dump(manifest, open(crafted, "w"))
+    shutil.copytree(reference, folders["@EVIL"])  # its model folder, with a tokenizer naming code of its own
+    mark = os.path.join(tmp, "EVIL-RAN")
+    open(os.path.join(folders["@EVIL"], "evil.py"), "w").write(f"open({mark!r}, 'w')\n")
+    tok_config = json.load(open(os.path.join(folders["@EVIL"], "tokenizer_config.json")))
+    tok_config["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    json.dump(tok_config, open(os.path.join(folders["@EVIL"], "tokenizer_config.json"), "w"))
+    shutil.copytree(data, folders["@SHIFTED"])
+    import numpy as np
+
+    tokens = np.fromfile(os.path.join(folders["@SHIFTED"], "train.bin"), dtype=np.uint16)
+    ((tokens + 1) % 65).astype(np.uint16).tofile(os.path.join(folders["@SHIFTED"], "train.bin"))
     newest = sorted(os.listdir(os.path.join(folders["@DAMAGED"], "checkpoints")))[-1]
     with open(os.path.join(folders["@DAMAGED"], "checkpoints", newest, "optimizer.safetensors"), "r+b") as f:
         f.truncate(100)
@@ -207,13 +263,20 @@ def bad_input_campaign(tmp, data, reference, table):
         table.append((f"bad input {' '.join(extra)}", ok, 0, 0, 0, 0))
     table.append(("  run folder and data folders unchanged (sha256 of every file)",
                   before == [tree_digest(w) for w in watched], 0, 0, 0, 0))
+    diverged = os.path.join(folders["@DIVERGE"], "checkpoints")
+    table.append(("  no code ran unasked; the diverged run wrote no checkpoint",
+                  not os.path.exists(mark) and sorted(os.listdir(diverged)) == sorted(
+                      os.listdir(os.path.join(reference, "checkpoints"))), 0, 0, 0, 0))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--disk_full", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="sigkill,plain,replace,signals,bad_inputs",
+                   help="comma list of: sigkill, plain, replace, signals, bad_inputs (disk_full by its flag)")
     args = p.parse_args()
+    only = set(args.only.split(","))
     sys.path.insert(0, ROOT)
     from nanogpt_hf.prepare import prepare_shakespeare_char
 
@@ -223,11 +286,18 @@ def main():
         prepare_shakespeare_char(data)
         reference = os.path.join(tmp, "reference")
         assert run(reference, data).returncode == 0
-        sigkill_campaign(tmp, data, reference, table)
-        signal_campaign(tmp, data, table, random.Random(args.seed))
+        if "sigkill" in only:
+            sigkill_campaign(tmp, data, reference, table)
+        if "plain" in only:
+            plain_resume_campaign(tmp, data, reference, table)
+        if "replace" in only:
+            replace_campaign(tmp, data, reference, table)
+        if "signals" in only:
+            signal_campaign(tmp, data, table, random.Random(args.seed))
         if args.disk_full:
             disk_full_campaign(tmp, data, reference, table)
-        bad_input_campaign(tmp, data, reference, table)
+        if "bad_inputs" in only:
+            bad_input_campaign(tmp, data, reference, table)
     print("| fault | as expected | corrupt checkpoints | journal records lost or doubled | resume not bit-identical | "
           "model folder stale |")
     print("|---|---|---|---|---|---|")

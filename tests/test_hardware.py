@@ -38,3 +38,74 @@ def test_cpu_allocator_setting_stops_per_step_page_faults():
 def test_an_impossible_mfu_is_reported_as_an_unreliable_peak():
     assert _mfu_text(0.412).strip() == "41.2% MFU"
     assert "unreliable" in _mfu_text(1.85) and "%" not in _mfu_text(1.85)
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA B200", 2250e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12), ("Tesla V100-SXM2-16GB", 125e12),
+    ("NVIDIA GeForce RTX 4080", None), ("NVIDIA RTX 6000 Ada Generation", None),  # unknown: no guess
+])
+def test_gpu_peaks_by_variant_and_unknown_gpus_have_none(name, peak):
+    from nanogpt_hf.hardware import gpu_peak_flops
+
+    assert gpu_peak_flops(name) == peak
+
+
+def test_an_unknown_peak_is_reported_as_unknown_mfu(capsys):
+    from nanogpt_hf.tracking import Progress
+
+    Progress(10, 0, enabled=True).report(3, 2.5, 1e-3, 0.05, None)
+    assert "mfu n/a (unknown device peak)" in capsys.readouterr().out
+
+
+def test_flops_count_the_matmuls_an_untied_head_does_not_double_the_embedding():
+    from conftest import tiny_model
+
+    tied, untied = tiny_model(), tiny_model(tie_word_embeddings=False)
+    attention = 12 * 2 * 2 * 16 * 32  # 12 L H Q T
+    wte, wpe = tied.transformer.wte.weight.numel(), tied.transformer.wpe.weight.numel()
+    assert tied.flops_per_token() == 6 * (sum(p.numel() for p in tied.parameters()) - wpe) + attention
+    # untied: the head is a matmul, the input embedding a lookup (counted before: 1.27x too high on the speedrun)
+    assert untied.flops_per_token() == tied.flops_per_token()
+    assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in tied.parameters()) + wte
+
+
+@pytest.mark.slow
+def test_the_bf16_peak_probe_is_quick_where_bf16_is_emulated():
+    """oneDNN limited to AVX2 (no AVX512-BF16/AMX: bf16 is emulated, ~1000x slower than fp32 here): the MFU probe
+    the trainer runs at start-up stays under a second (it was a 2048^3 matmul: minutes on such a CPU), and the
+    device is known not to compute bf16 natively."""
+    code = ("import time, torch\nfrom nanogpt_hf.hardware import measured_matmul_flops, native_bf16\n"
+            "t = time.perf_counter(); measured_matmul_flops(torch.bfloat16)\n"
+            "print(time.perf_counter() - t, native_bf16('cpu'))\n")
+    proc = run_cli([sys.executable, "-c", code], env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seconds, native = proc.stdout.split()
+    assert float(seconds) < 1.0 and native == "False"
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_on_the_device():
+    """The trainer never reads the step's flags back before stepping (a GPU would wait for itself): fused AdamW and
+    Muon skip a bad step themselves. Weights, moments and step counts stay as they were."""
+    import torch
+    from conftest import tiny_model
+
+    from nanogpt_hf.config import TrainConfig
+    from nanogpt_hf.optim import configure_optimizer, skip_step_if
+
+    model = tiny_model(tie_word_embeddings=False)
+    optimizers, fused = configure_optimizer(model, TrainConfig(optimizer="muon"))
+    model(torch.zeros(1, 4, dtype=torch.long), labels=torch.ones(1, 4, dtype=torch.long)).loss.backward()
+    for o in optimizers:
+        o.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = [{k: v.clone() for k, v in o.state[p].items()} for o in optimizers for p in o.state]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    assert fused and skip_step_if(optimizers, torch.tensor(1.0))
+    for o in optimizers:
+        o.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    after = [o.state[p] for o in optimizers for p in o.state]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(after, state) for k in b)

@@ -68,6 +68,7 @@ def test_bare_accelerate_launch_uses_the_accelerate_config_default(tmp_path, cha
     assert "nanogpt_hf/" not in multi.stderr and not (tmp_path / "multi-out").exists()  # the launcher reports the exit
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")
 @pytest.mark.parametrize("name", ["single_gpu.yaml", "fsdp.yaml"])  # multi_gpu.yaml: the same check as fsdp.yaml's
 def test_gpu_launch_files_stop_with_one_line_without_gpus(name, tmp_path, char_data):

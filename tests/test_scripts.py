@@ -269,3 +269,27 @@ def test_multiple_choice_scores_hellaswag_as_lm_evaluation_harness_does(tmp_path
     raw = eval_main(["--init_from", str(folder), "--multiple_choice", str(data), "--mc_protocol", "llm.c"])
     assert raw["protocol"] == "llm.c"
     assert all(r["scores"] != o["scores"] for r, o in zip(raw["predictions"], ours["predictions"]))
+
+
+def test_the_gpu_proof_refuses_a_machine_without_gpus_and_runs_its_steps_on_a_cpu(tmp_path, capsys):
+    """`nanogpt-bench --what gpu` on this machine: one line. Its steps (the trainer with compile settings, the
+    checkpoint through pipeline, fsdp.yaml on one process with a resume, speedrun_gpt2, generation) run here on the
+    CPU with tiny shapes, so the code a GPU session runs unedited has run before."""
+    from nanogpt_hf.bench import gpu_proof
+    from nanogpt_hf.bench import main as bench_main
+
+    if not torch.cuda.is_available():
+        assert_cli_error(bench_main, ["--what", "gpu"], "needs a CUDA GPU; none is visible here", capsys)
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--eval_iters=2",
+            "--device=cpu", "--dtype=float32", "--compile=false", "--wandb_log=false", "--log_interval=1",
+            "--gradient_accumulation_steps=1"]
+    run = dict(train=["--config", "train_gpt2", *tiny, "--max_iters=8", "--eval_interval=8", "--warmup_iters=2"],
+               fsdp=["--config", "finetune_shakespeare", "--init_from=scratch", "--bias=false", *tiny,
+                     "--eval_interval=2", "--always_save_checkpoint=true"],
+               speedrun=["--config", "speedrun_gpt2", *tiny, "--max_iters=6", "--eval_interval=6", "--warmup_iters=0"],
+               shape="quickstart", fsdp_iters=(2, 4), new_tokens=8)
+    result = gpu_proof("cpu", run, env={"NANOGPT_TEST_FSDP_ON_CPU": "1"})
+    rows = dict(result["rows"])
+    assert "ms/iter" in rows["train (compile, bf16)"] and "loaded and sampled: 'ROMEO:" in rows["checkpoint -> pipeline"]
+    assert rows["fsdp.yaml, 1 process"].startswith("trained to 2, resumed to 4: ok")
+    assert "ms/iter" in rows["speedrun_gpt2 steps"] and "vs GPT2LMHeadModel" in rows["cached generation, batch 1"]

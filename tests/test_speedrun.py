@@ -58,6 +58,7 @@ def test_cpu_speedrun_recipe_stays_within_the_parameter_budget():
     assert 120e6 < NanoGPTForCausalLM(NanoGPTConfig(vocab_size=50304, **model_options(gpt2))).num_parameters() < 170e6
 
 
+@pytest.mark.slow
 def test_speedrun_options_resume_bit_exact_after_sigkill(tmp_path, char_data):
     args = [*SPEEDRUN, "--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4", "--always_save_checkpoint=true",
             "--dropout=0.1"]
@@ -85,6 +86,7 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path):
         load_optimizer_state(model, configure_optimizer(model, TrainConfig())[0], muon_state, "ckpt")
 
 
+@pytest.mark.slow
 def test_speedrun_options_train_under_ddp(tmp_path, char_data):
     proc = run_train(tmp_path / "ddp", char_data, *SPEEDRUN, "--max_iters=6", "--eval_interval=3",
                      "--gradient_accumulation_steps=2",
@@ -94,6 +96,7 @@ def test_speedrun_options_train_under_ddp(tmp_path, char_data):
     assert losses[5] < losses[0]
 
 
+@pytest.mark.slow
 def test_bench_speedrun_races_the_classic_recipe_end_to_end():
     from nanogpt_hf.bench import bench_speedrun
 
