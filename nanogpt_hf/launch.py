@@ -89,7 +89,7 @@ def make_accelerator(cfg, trackers):
     warnings = []
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp and not gpu and os.environ.get(FSDP_ON_CPU) == "1":
-        # TEST SEAM (tests/test_fsdp_trainer.py): Accelerate picks FSDP only for GPU process groups; this one line
+        # TEST SEAM (tests/test_sharded.py): Accelerate picks FSDP only for GPU process groups; this one line
         # lets its own FSDP2 preparation run on a gloo CPU group. Nothing else about the run changes.
         from accelerate.utils import DistributedType
 
@@ -98,10 +98,12 @@ def make_accelerator(cfg, trackers):
         fsdp = False
         warnings.append("this launch file asks for FSDP, which Accelerate runs on GPUs only: the CPU processes train "
                         "with DDP (every process holds the whole model)")
+    if fsdp and os.environ.get("FSDP_VERSION", "2") != "2":
+        raise UserError("this launch file asks for FSDP1; the trainer runs PyTorch's FSDP2 (its checkpoints gather "
+                        "DTensor shards): set fsdp_version: 2, as accelerate_configs/fsdp.yaml does")
     precision = _precision(cfg.dtype, gpu, warnings.append)
-    if gpu:  # TF32 matmuls for fp32 work on Ampere and newer (nanoGPT sets the same)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if gpu:
+        enable_tf32()
     accelerator = Accelerator(cpu=not gpu, mixed_precision=precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps // world,
                               log_with=trackers or None, project_dir=cfg.out_dir,
@@ -112,6 +114,13 @@ def make_accelerator(cfg, trackers):
 
 
 FSDP_ON_CPU = "NANOGPT_TEST_FSDP_ON_CPU"
+
+
+def enable_tf32():
+    """TF32 tensor cores for the fp32 matmuls and convolutions of a GPU run (Ampere and newer; nanoGPT sets the same):
+    dtype=float32 on a GPU would otherwise run at a fraction of the card's speed."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def _fsdp_plugin(precision):

@@ -161,7 +161,9 @@ def test_eval_errors(char_run, char_data, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"ctx": "a", "endings": ["b"], "label": 3}\n')
     cases = [
-        (["--init_from", char_run, "--multiple_choice", str(bad)], "label 3 does not index the 1 endings"),
+        (["--init_from", char_run, "--multiple_choice", str(bad), "--mc_protocol", "llm.c"],
+         "label 3 does not index the 1 endings"),
+        (["--init_from", char_run, "--multiple_choice", str(bad)], "no activity_label, ctx_a, ctx_b (HellaSwag's fields"),
         (["--init_from", str(tmp_path / "none"), "--data_dir", char_data], "no such model folder"),
         (["--init_from", char_run, "--data_dir", str(tmp_path / "nodata")], "does not exist"),
         (["--init_from", char_run, "--data_dir", char_data, "--block_size", "999"], "--block_size must be in [1, 32]"),
@@ -179,7 +181,7 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
                     "--repeats", "1", "--warmup", "0", "--new_tokens", "4", "--json", str(out), "--profile", str(trace)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "'what'" not in proc.stderr
-    assert "speed-up x" in proc.stdout and "KV cache" in proc.stdout
+    assert "speed-up x" in proc.stdout and "x GPT2LMHeadModel's same path" in proc.stdout
     results = {r["what"]: r for r in json.load(open(out))}
     train = results["train_step"]
     assert set(train["ms_per_step"]) >= {"nanogpt_hf", "GPT2LMHeadModel"} and all(v > 0 for v in train["ms_per_step"].values())

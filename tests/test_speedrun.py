@@ -6,9 +6,7 @@ import os
 import pytest
 import torch
 from conftest import ROOT, run_train, tiny_model, train_losses
-from safetensors.torch import load_file
 
-from nanogpt_hf.checkpoint import load_tree
 from nanogpt_hf.config import TrainConfig, load_config, model_options
 from nanogpt_hf.optim import Muon, configure_optimizer
 from nanogpt_hf.train import get_lr
@@ -56,23 +54,6 @@ def test_cpu_speedrun_recipe_stays_within_the_parameter_budget():
     gpt2, _ = load_config(["--config", "speedrun_gpt2"])
     assert gpt2.n_layer == 12 and gpt2.n_embd == 768 and gpt2.optimizer == "muon" and gpt2.lr_schedule == "wsd"
     assert 120e6 < NanoGPTForCausalLM(NanoGPTConfig(vocab_size=50304, **model_options(gpt2))).num_parameters() < 170e6
-
-
-@pytest.mark.slow
-def test_speedrun_options_resume_bit_exact_after_sigkill(tmp_path, char_data):
-    args = [*SPEEDRUN, "--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4", "--always_save_checkpoint=true",
-            "--dropout=0.1"]
-    reference = tmp_path / "ref"
-    run_train(reference, char_data, *args)
-    out = tmp_path / "out"
-    killed = run_train(out, char_data, *args, env={"NANOGPT_KILL_AT": "step@6"}, check=False)
-    assert killed.returncode == -9
-    run_train(out, char_data, *args, "--init_from=resume", "--seed=4242")
-    assert train_losses(out) == train_losses(reference)
-    a, b = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    state = load_tree(str(out / "checkpoints" / "ckpt-0000008" / "optimizer"))
-    assert "momentum_buffer" in state["state"]["transformer.h.0.mlp.c_fc.weight"]
 
 
 def test_resuming_with_another_optimizer_is_refused(tmp_path):
@@ -126,3 +107,30 @@ def test_nanogpt_checkpoint_scores_like_our_model(tmp_path):
     loaded = _nanogpt_checkpoint_model(str(tmp_path / "ckpt.pt")).eval()
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_muon_equals_torch_muon_and_its_fp32_newton_schulz_stays_within_bf16_noise():
+    """optim.Muon in bf16 is torch.optim.Muon bit for bit (update, momentum, weight decay, the tall-matrix scale);
+    in fp32 (chosen where bf16 is emulated) the update differs by bf16's rounding only."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32, 96), (128, 128)]
+    start = [torch.randn(*s) for s in shapes]
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(3)]
+
+    def trained(make):
+        params = [w.clone().requires_grad_() for w in start]
+        optimizer = make(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            optimizer.step()
+        return params, optimizer
+
+    ours, opt = trained(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1))
+    torchs, ref = trained(lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.1))
+    assert all(torch.equal(a, b) for a, b in zip(ours, torchs))
+    assert all(torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"]) for a, b in zip(ours, torchs))
+    fp32, _ = trained(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32))
+    for a, b, w in zip(fp32, torchs, start):
+        change = (b - w).abs().max()
+        assert 0 < (a - b).abs().max() < 0.05 * change

@@ -90,9 +90,9 @@ RESUME_ARGS = ["--max_iters=16", "--eval_interval=5", "--always_save_checkpoint=
 
 
 @pytest.mark.parametrize("kill_at, last_ckpt", [
-    ("step@8", 5),  # inside a training step
-    ("eval@6", 5),  # during the val half of the evaluation at iter 10 (each eval passes the point twice)
-    ("checkpoint@2", 5),  # while writing the checkpoint of iter 10: weights there, no manifest yet
+    # while writing the checkpoint of iter 10: weights there, no manifest yet (inside a step and during an evaluation:
+    # tests/test_resume.py and the fault campaign, docs/robustness.md)
+    ("checkpoint@2", 5),
 ])
 def test_sigkill_then_resume_is_bit_exact(tmp_path, char_data, reference_run, kill_at, last_ckpt):
     out = tmp_path / "out"
@@ -217,7 +217,8 @@ def test_a_mistake_every_rank_meets_is_one_line_from_the_trainer(tmp_path, char_
 def test_a_compiled_run_writes_checkpoints_that_load_and_resume(tmp_path, char_data):
     """--compile=true (inductor on the CPU): the model folder, the checkpoints and the optimizer state carry the
     model's own parameter names (no `_orig_mod.`), load strictly, and the plainest resume (compiled again) continues
-    with the same losses; its weights equal to 7.5e-9 (measured: kernels generated afresh; eager resumes are exact)."""
+    to the same weights and losses within float rounding (measured 7.5e-9 and 2.4e-7: kernels generated afresh;
+    eager resumes are exact)."""
     from nanogpt_hf.checkpoint import load_tree
     from nanogpt_hf.model_io import from_pretrained_strict
 
@@ -234,7 +235,9 @@ def test_a_compiled_run_writes_checkpoints_that_load_and_resume(tmp_path, char_d
     proc = run_cli([sys.executable, TRAIN, "--init_from=resume", f"--out_dir={out}", "--max_iters=8"])
     assert proc.returncode == 0 and "compile True" in proc.stdout, proc.stderr[-2000:]
     resumed = load_file(out / "model.safetensors")
-    assert max((resumed[k] - reference[k]).abs().max().item() for k in reference) < 1e-6 and train_losses(out) == losses
+    assert max((resumed[k] - reference[k]).abs().max().item() for k in reference) < 1e-6
+    assert train_losses(out).keys() == losses.keys()
+    assert all(abs(train_losses(out)[k] - losses[k]) < 1e-5 for k in losses)
 
 
 def test_a_compile_failure_stops_with_one_line(tmp_path, char_data):
