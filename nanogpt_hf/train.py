@@ -29,7 +29,7 @@ from .run_dir import RunDir
 from .tokenization import tokenizer_signature
 from .tracking import Journal, Progress, init_trackers
 
-__all__ = ["main", "train", "get_lr", "TrainState"]
+__all__ = ["main", "train", "get_lr", "prepare", "TrainState"]
 
 
 @dataclass
@@ -149,9 +149,7 @@ def train(cfg, sources=None):
     optimizers, fused = configure_optimizer(model, cfg, NS_DTYPES.get(cfg.muon_ns_dtype, torch.float32))
     if len(optimizers) > 1 and accelerator.mixed_precision == "fp16":
         raise UserError("optimizer=muon does not work with float16's gradient scaler: use dtype=bfloat16 or float32")
-    model, *optimizers = accelerator.prepare(model, *optimizers)
-    # the loop autocasts itself: drop the fp32 copy of the logits Accelerate's wrapper makes at every forward
-    raw_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    model, optimizers, raw_model = prepare(accelerator, model, optimizers)
     step_model = _compiled(model, cfg, log)  # what runs forwards; `model` is what is saved (no `_orig_mod.` names)
     pin = accelerator.device.type == "cuda"
     # the main process first: a streamed dataset is downloaded and cached once for all ranks
@@ -301,6 +299,15 @@ def train(cfg, sources=None):
         if not peer_lost:  # a collective with a dead peer would only fail (or wait) again
             finish(accelerator)
         run.release()
+
+
+def prepare(accelerator, model, optimizers):
+    """Accelerate's preparation (device, DDP or FSDP2), minus the wrapper it puts around forward under mixed
+    precision: autocast plus a full fp32 copy of the outputs, the logits included, at every micro-step (2.5 GB at
+    train_gpt2's batch). The loop autocasts itself and needs the loss, which transformers' loss function computes in
+    fp32. Returns (model, optimizers, the model unwrapped)."""
+    model, *optimizers = accelerator.prepare(model, *optimizers)
+    return model, optimizers, accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
 
 def _compiled(model, cfg, log):

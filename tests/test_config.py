@@ -53,6 +53,11 @@ def test_nanogpt_style_config_names(name):
     assert resolve_config_path(name) == os.path.join(CONFIGS_DIR, "train_shakespeare_char.yaml")
 
 
+def test_the_seeds_config_path_and_name_flags():
+    cfg, sources = load_config([f"--config-path={CONFIGS_DIR}", "--config-name=train_shakespeare_char_cpu", "--n_layer=1"])
+    assert cfg.n_embd == 128 and cfg.n_layer == 1 and sources["n_embd"].endswith("train_shakespeare_char_cpu.yaml")
+
+
 def test_configs_are_found_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # outside the checkout: the configs ship with the package
     cfg, _ = load_config(["config/train_shakespeare_char.py"])

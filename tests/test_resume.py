@@ -196,6 +196,16 @@ def test_a_same_size_edit_of_the_data_is_refused(run, tmp_path, char_data, capsy
     assert_cli_error(train_main, ["--init_from=resume", f"--out_dir={out}", "--max_iters=10"],
                      "train.bin is not the file prepare.py wrote (its content fingerprint differs", capsys)
     assert_cli_error(train_main, train_args(tmp_path / "fresh", str(data)), "--allow_data_change=true", capsys)
+    shutil.copy(os.path.join(char_data, "train.bin"), data / "train.bin")
+    meta = json.load(open(data / "meta.json"))
+    json.dump({**meta, "source": "somewhere else"}, open(data / "meta.json", "w"))  # meta.json re-made elsewhere
+    assert_cli_error(train_main, ["--init_from=resume", f"--out_dir={out}"], "changed since", capsys)
+    json.dump(meta, open(data / "meta.json", "w"), indent=2, ensure_ascii=False)
+    with open(data / "val.bin", "r+b") as f:  # truncated: no longer what meta.json describes
+        f.truncate(os.path.getsize(data / "val.bin") - 1000)
+    assert_cli_error(train_main, train_args(tmp_path / "fresh", str(data)), "but meta.json says", capsys)
+    shutil.copy(os.path.join(char_data, "val.bin"), data / "val.bin")
+    ((tokens + 1) % 65).astype(np.uint16).tofile(data / "train.bin")
     proc = run_cli([sys.executable, TRAIN, "--init_from=resume", f"--out_dir={out}", "--max_iters=10",
                     "--allow_data_change=true"])
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -219,8 +229,13 @@ def test_a_diverged_state_is_never_saved_and_auto_resumes_a_good_one(run, tmp_pa
 def test_a_garbage_newest_manifest_names_the_older_checkpoint_and_its_advice_works(run, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(run, out)
-    (out / "checkpoints" / "ckpt-0000008" / "MANIFEST.json").write_text("{garbage")
     older = out / "checkpoints" / "ckpt-0000004"
+    with open(out / "checkpoints" / "ckpt-0000008" / "optimizer.safetensors", "r+b") as f:
+        f.truncate(50)  # damaged: refused, naming the older complete one
+    assert_cli_error(train_main, ["--init_from=resume", f"--out_dir={out}"],
+                     f"optimizer.safetensors does not match its manifest (truncated or edited); resume from another "
+                     f"checkpoint; the older complete one is {older}: --resume_from={older}", capsys)
+    (out / "checkpoints" / "ckpt-0000008" / "MANIFEST.json").write_text("{garbage")
     assert_cli_error(train_main, ["--init_from=resume", f"--out_dir={out}"], f"--resume_from={older}", capsys)
     proc = run_cli([sys.executable, TRAIN, "--init_from=resume", f"--out_dir={out}", f"--resume_from={older}"])
     assert proc.returncode == 0, proc.stderr[-2000:]

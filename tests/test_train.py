@@ -14,25 +14,38 @@ pytestmark = pytest.mark.slow  # every test here starts processes (trainers, lau
 
 
 def test_single_process_run_writes_a_usable_out_dir(tmp_path, char_data):
+    """One run, 25 iterations (the last one not a multiple of eval_interval), logged every 5 to a file, asking for
+    float16 on a CPU; the same with --gradient_checkpointing=true trains the same losses."""
     out = tmp_path / "out"
-    proc = run_train(out, char_data, "--max_iters=20", "--eval_interval=10")
+    args = ["--max_iters=25", "--eval_interval=10", "--log_interval=5", "--dtype=float16"]
+    proc = run_train(out, char_data, *args)
     assert "world size 1" in proc.stdout and "tokens per iteration will be: 128" in proc.stdout
-    assert "val loss" in proc.stdout and "iter 19: loss" in proc.stdout  # progress, as plain lines in a log
+    assert "warning: dtype=float16 needs a GPU" in proc.stdout and "precision no" in proc.stdout
+    assert "\r" not in proc.stdout  # progress as nanoGPT's plain lines in a log file, no bar redraws
+    iters = [line for line in proc.stdout.splitlines() if line.startswith("iter ")]
+    assert [line.split(":")[0] for line in iters] == ["iter 0", "iter 5", "iter 10", "iter 15", "iter 20"]
+    assert all(", time " in line and "ms, mfu " in line for line in iters)
+    assert any(line.startswith("step 10: train loss") for line in proc.stdout.splitlines())
     cfg = __import__("yaml").safe_load(open(out / "train_config.yaml"))
-    assert cfg["n_embd"] == 32 and cfg["max_iters"] == 20 and cfg["dataset"] == "shakespeare_char"
+    assert cfg["n_embd"] == 32 and cfg["max_iters"] == 25 and cfg["dataset"] == "shakespeare_char"
     # a scratch model gets nanoGPT's exact GELU, and its saved config says so
     assert cfg["activation_function"] == "gelu" and json.load(open(out / "config.json"))["activation_function"] == "gelu"
     records = read_log(out)
     steps = [r for r in records if "train/loss" in r]
-    assert [r["iter"] for r in steps] == list(range(20))
+    assert [r["iter"] for r in steps] == [0, 5, 10, 15, 20]
     assert {"lr", "grad_norm", "tokens_per_s", "mfu", "time_ms"} <= set(steps[-1])
-    evals = [r for r in records if "val/loss" in r]
-    assert [r["iter"] for r in evals] == [0, 10, 20] and evals[-1]["val/loss"] < evals[0]["val/loss"]
-    assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-0000010", "ckpt-0000020"]
+    evals = [r for r in records if "val/loss" in r]  # the last iteration is always evaluated and saved
+    assert [r["iter"] for r in evals] == [0, 10, 20, 25] and evals[-1]["val/loss"] < evals[0]["val/loss"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-0000020", "ckpt-0000025"]
+    done = [line for line in proc.stdout.splitlines() if line.startswith("done:")][0]
+    assert f"val loss {evals[-1]['val/loss']:.4f}" in done and f"model folder {out} holds iteration 25" in done
     from transformers import pipeline
 
     pipe = pipeline("text-generation", model=str(out))  # out_dir is itself a model folder
     assert pipe("ROMEO:", max_new_tokens=5, do_sample=False)[0]["generated_text"].startswith("ROMEO:")
+    run_train(tmp_path / "ckpt", char_data, *args, "--gradient_checkpointing=true")
+    plain, recomputed = train_losses(out), train_losses(tmp_path / "ckpt")
+    assert plain.keys() == recomputed.keys() and all(abs(plain[k] - recomputed[k]) < 1e-6 for k in plain)
 
 
 def test_ddp_two_processes_match_one_process(tmp_path, char_data):
@@ -142,30 +155,6 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, char_data):
         assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_seed_style_config_path_and_name(tmp_path, char_data):
-    proc = run_cli([sys.executable, TRAIN, f"--config-path={ROOT}/nanogpt_hf/configs", "--config-name=train_shakespeare_char_cpu",
-                    "--n_layer=1", "--n_head=1", "--n_embd=16", "--block_size=16", "--batch_size=2", "--eval_iters=1",
-                    "--max_iters=2", "--eval_interval=1", f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "world size 1" in proc.stdout
-
-
-def test_unsupported_precision_falls_back_with_a_warning(tmp_path, char_data):
-    proc = run_train(tmp_path / "out", char_data, "--max_iters=2", "--eval_interval=2", "--dtype=float16")
-    assert "warning: dtype=float16 needs a GPU" in proc.stdout and "precision no" in proc.stdout
-    assert [r["iter"] for r in read_log(tmp_path / "out") if "val/loss" in r] == [0, 2]
-
-
-def test_progress_to_a_file_is_one_plain_line_per_log_interval(tmp_path, char_data):
-    proc = run_train(tmp_path / "out", char_data, "--max_iters=20", "--eval_interval=10", "--log_interval=5")
-    assert "\r" not in proc.stdout  # no progress-bar redraws in a log file
-    lines = proc.stdout.splitlines()
-    iters = [line for line in lines if line.startswith("iter ")]
-    assert [line.split(":")[0] for line in iters] == ["iter 0", "iter 5", "iter 10", "iter 15"]
-    assert all(", time " in line and "ms, mfu " in line for line in iters)
-    assert any(line.startswith("step 10: train loss") for line in lines)
-
-
 def test_progress_in_a_terminal_is_a_bar_that_messages_never_share(tmp_path, char_data):
     """Under a pseudo-terminal: a tqdm bar, and every message on a line of its own (tqdm.write clears the bar)."""
     import pty
@@ -194,14 +183,6 @@ def test_progress_in_a_terminal_is_a_bar_that_messages_never_share(tmp_path, cha
             if message in line:
                 before = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line.rsplit("\r", 1)[-1].split(message)[0])
                 assert before.strip() == "", (message, line)  # nothing of the bar on the message's line
-
-
-def test_gradient_checkpointing_trains_with_the_same_losses(tmp_path, char_data):
-    args = ["--max_iters=6", "--eval_interval=3", "--dropout=0.0"]
-    run_train(tmp_path / "plain", char_data, *args)
-    run_train(tmp_path / "ckpt", char_data, *args, "--gradient_checkpointing=true")
-    plain, ckpt = train_losses(tmp_path / "plain"), train_losses(tmp_path / "ckpt")
-    assert plain.keys() == ckpt.keys() and all(abs(plain[k] - ckpt[k]) < 1e-6 for k in plain)
 
 
 def test_a_mistake_every_rank_meets_is_one_line_from_the_trainer(tmp_path, char_data):
@@ -248,3 +229,25 @@ def test_a_compile_failure_stops_with_one_line(tmp_path, char_data):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: torch.compile failed (InductorError") and "--compile=false" in last
+
+
+def test_the_prepared_model_returns_the_loss_in_fp32_without_an_fp32_copy_of_the_logits():
+    """Under mixed precision Accelerate wraps forward to cast every output to fp32 (a full copy of the logits per
+    micro-step); the trainer's prepare() removes that wrapper: under autocast the logits stay bf16, the loss is fp32."""
+    proc = run_cli([sys.executable, "-c", """
+import sys, torch
+sys.path.insert(0, 'tests')
+from accelerate import Accelerator
+from conftest import tiny_model
+from nanogpt_hf.train import prepare
+accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+model = tiny_model().train()
+plain, _ = accelerator.prepare(tiny_model().train(), torch.optim.AdamW(tiny_model().parameters()))
+model, _, raw = prepare(accelerator, model, [torch.optim.AdamW(model.parameters())])
+x = torch.randint(0, 96, (2, 16))
+with accelerator.autocast():
+    ours, accelerates = model(x, shift_labels=x), plain(x, shift_labels=x)
+print(ours.logits.dtype, ours.loss.dtype, accelerates.logits.dtype)
+"""])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["torch.bfloat16", "torch.float32", "torch.float32"]
