@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .errors import UserError, cli_main
 from .run_dir import RunDir
 
-__all__ = ["model_card", "push_run", "download_training_state", "MODEL_FILES", "main"]
+__all__ = ["model_card", "push_run", "push_after_save", "download_training_state", "MODEL_FILES", "main"]
 
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "*.py", "tokenizer*", "vocab.json",
                "merges.txt", "special_tokens_map.json", "added_tokens.json", "README.md", "train_config.yaml",
@@ -98,6 +98,18 @@ def push_run(cfg, include_training_state=False, api=None):
         reason = " ".join(str(e).split()) or type(e).__name__
         raise UserError(f"cannot push to {cfg.hub_model_id} ({type(e).__name__}: {reason})") from e
     return cfg.hub_model_id
+
+
+def push_after_save(cfg, when, say):
+    """The trainer's push after a save (hub_strategy every_save) or at the end. A failed push leaves the run intact,
+    says so in one line, and is tried again at the next save."""
+    if not cfg.push_to_hub or (when == "every_save" and cfg.hub_strategy != "every_save"):
+        return
+    try:
+        push_run(cfg, include_training_state=cfg.hub_push_training_state)
+    except UserError as e:
+        say(f"warning: push to {cfg.hub_model_id} failed ({e}); the run is intact and the push is retried at the "
+            f"next save")
 
 
 def download_training_state(repo_id):

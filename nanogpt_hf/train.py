@@ -22,6 +22,7 @@ from .corpus import data_fingerprint
 from .data import eval_batches, train_batches
 from .errors import UserError, cli_main
 from .hardware import native_bf16, peak_flops
+from .hub import push_after_save
 from .launch import StopSignals, check_launch, finish, launched_world_size, make_accelerator, together
 from .optim import NS_DTYPES, configure_optimizer, skip_step_if
 from .resolve import build_model, data_dir_of, resolve_run, restore_training_state
@@ -212,7 +213,8 @@ def train(cfg, sources=None):
                                state.best_checkpoint):
             raise UserError(f"training diverged: weights are not finite at iteration {state.iter_num}, so nothing was "
                             f"saved; {last_good()}: lower learning_rate (or raise warmup_iters) and resume")
-        _maybe_push(cfg, accelerator, "end" if final else "every_save", say)
+        if main:
+            push_after_save(cfg, "end" if final else "every_save", say)
 
     bad_steps, running_mfu, pending, peer_lost = 0, -1.0, None, False
     model.train()
@@ -388,22 +390,6 @@ def _raise_if(message):
         if message:
             raise UserError(message)
     return check
-
-
-def _maybe_push(cfg, accelerator, when, say):
-    """Hub push after a save (every_save) or at the end. A failed push leaves the run intact, says so in one line,
-    and is tried again at the next save."""
-    if not cfg.push_to_hub or not accelerator.is_main_process:
-        return
-    if when == "every_save" and cfg.hub_strategy != "every_save":
-        return
-    from .hub import push_run
-
-    try:
-        push_run(cfg, include_training_state=cfg.hub_push_training_state)
-    except UserError as e:
-        say(f"warning: push to {cfg.hub_model_id} failed ({e}); the run is intact and the push is retried at the "
-            f"next save")
 
 
 @cli_main

@@ -68,11 +68,16 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_speedrun_options_train_under_ddp(tmp_path, char_data):
+def test_speedrun_options_train_under_ddp_on_a_cpu_without_native_bf16(tmp_path, char_data):
+    """The speedrun's options and Muon under DDP, on a CPU profile without native bf16 (oneDNN limited to AVX2):
+    Newton-Schulz runs in fp32 (one line says so), and bf16 autocast says in one line that it will be slower."""
     proc = run_train(tmp_path / "ddp", char_data, *SPEEDRUN, "--max_iters=6", "--eval_interval=3",
-                     "--gradient_accumulation_steps=2",
+                     "--gradient_accumulation_steps=2", "--dtype=bfloat16", env={"ONEDNN_MAX_CPU_ISA": "AVX2"},
                      launcher=["accelerate", "launch", "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp.yaml")])
-    assert "world size 2" in proc.stdout and "Muon (" in proc.stdout
+    assert "world size 2" in proc.stdout and "Muon (float32) + fused AdamW" in proc.stdout
+    assert "Muon's Newton-Schulz runs in float32 (no native bf16 on this CPU; muon_ns_dtype=auto)" in proc.stdout
+    assert "warning: dtype=bfloat16 on this CPU (no AVX512-BF16/AMX) is emulated" in proc.stdout
+    assert __import__("yaml").safe_load(open(tmp_path / "ddp" / "train_config.yaml"))["muon_ns_dtype"] == "float32"
     losses = train_losses(tmp_path / "ddp")
     assert losses[5] < losses[0]
 

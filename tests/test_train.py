@@ -197,9 +197,8 @@ def test_a_mistake_every_rank_meets_is_one_line_from_the_trainer(tmp_path, char_
 
 def test_a_compiled_run_writes_checkpoints_that_load_and_resume(tmp_path, char_data):
     """--compile=true (inductor on the CPU): the model folder, the checkpoints and the optimizer state carry the
-    model's own parameter names (no `_orig_mod.`), load strictly, and the plainest resume (compiled again) continues
-    to the same weights and losses within float rounding (measured 7.5e-9 and 2.4e-7: kernels generated afresh;
-    eager resumes are exact)."""
+    model's own parameter names (no `_orig_mod.`), load strictly, and a resume continues to the uninterrupted run's
+    weights and losses within float rounding (compiled and eager kernels round differently)."""
     from nanogpt_hf.checkpoint import load_tree
     from nanogpt_hf.model_io import from_pretrained_strict
 
@@ -213,8 +212,9 @@ def test_a_compiled_run_writes_checkpoints_that_load_and_resume(tmp_path, char_d
     import shutil
 
     shutil.rmtree(out / "checkpoints" / "ckpt-0000008")
-    proc = run_cli([sys.executable, TRAIN, "--init_from=resume", f"--out_dir={out}", "--max_iters=8"])
-    assert proc.returncode == 0 and "compile True" in proc.stdout, proc.stderr[-2000:]
+    # resumed without compile (one compile less to wait for): the saved names fit the plain model
+    proc = run_cli([sys.executable, TRAIN, "--init_from=resume", f"--out_dir={out}", "--max_iters=8", "--compile=false"])
+    assert proc.returncode == 0 and "compile False" in proc.stdout, proc.stderr[-2000:]
     resumed = load_file(out / "model.safetensors")
     assert max((resumed[k] - reference[k]).abs().max().item() for k in reference) < 1e-6
     assert train_losses(out).keys() == losses.keys()
