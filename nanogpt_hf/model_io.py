@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from .errors import UserError
 
 __all__ = ["GPT2_NAMES", "is_gpt2_name", "looks_like_hub_id", "save_model_folder", "load_model", "load_model_and_tokenizer",
-           "from_pretrained_strict", "model_config_of", "enable_activation_checkpointing"]
+           "from_pretrained_strict", "model_config_of", "fetch_file", "read_json", "enable_activation_checkpointing"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -100,7 +100,7 @@ def from_pretrained_strict(folder, **kwargs):
     return model
 
 
-def _fetch_file(name_or_path, filename, required=True):
+def fetch_file(name_or_path, filename, required=True):
     """A file of a local folder or a Hub repository (downloaded), or None where it has none and required is False."""
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, filename)
@@ -121,7 +121,7 @@ def _fetch_file(name_or_path, filename, required=True):
                         f"({type(e).__name__}); check the name or the network") from e
 
 
-def _read_json(path):
+def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -130,7 +130,7 @@ def _read_json(path):
 
 
 def _model_type(name_or_path):
-    return _read_json(_fetch_file(name_or_path, "config.json")).get("model_type")
+    return read_json(fetch_file(name_or_path, "config.json")).get("model_type")
 
 
 def model_config_of(name_or_path):
@@ -142,7 +142,7 @@ def model_config_of(name_or_path):
     if is_gpt2_name(name_or_path):  # OpenAI's four: nanoGPT's table (vocab 50257, context 1024, biases, tanh GELU)
         preset = GPT2_PRESETS[name_or_path.removeprefix("openai-community/")]
         return nanogpt_config_from_gpt2({**preset, "vocab_size": 50257, "n_positions": 1024})
-    raw = _read_json(_fetch_file(name_or_path, "config.json"))
+    raw = read_json(fetch_file(name_or_path, "config.json"))
     try:
         if raw.get("model_type") == "gpt2":
             return nanogpt_config_from_gpt2(raw)

@@ -123,12 +123,12 @@ OWN_TOKENIZERS = ("NanoGPTCharTokenizer", "PreTrainedTokenizerFast", "GPT2Tokeni
 def tokenizer_code(name_or_path):
     """The code files a folder's (or hub id's) tokenizer_config.json names through auto_map, besides this package's
     own tokenizer classes; [] when it names none."""
-    from .model_io import _fetch_file, _read_json
+    from .model_io import fetch_file, read_json
 
-    path = _fetch_file(name_or_path, "tokenizer_config.json", required=False)
+    path = fetch_file(name_or_path, "tokenizer_config.json", required=False)
     if path is None or not os.path.exists(path):
         return []
-    entries = (_read_json(path).get("auto_map") or {}).get("AutoTokenizer") or []
+    entries = (read_json(path).get("auto_map") or {}).get("AutoTokenizer") or []
     entries = [entries] if isinstance(entries, str) else entries
     return sorted({e.split(".")[0] + ".py" for e in entries
                    if isinstance(e, str) and e.rsplit(".", 1)[-1] not in OWN_TOKENIZERS})
