@@ -4,6 +4,7 @@ A prepared folder holds train.bin and val.bin (uint16 token ids) and meta.json (
 written last, so its presence means the bins are complete.
 """
 
+import functools
 import json
 import os
 
@@ -69,17 +70,24 @@ def check_prepared(data_dir, allow_change=False, warn=None):
     return meta
 
 
-def content_fingerprint(path, samples=64, block=1 << 16):
-    """sha256 of the file's size and of `samples` blocks of `block` bytes spread evenly over it (the first and the
-    last included): a few MB read whatever the size, so it is checked at every start. Any edit of the tokens at
-    large (a re-tokenization, a shifted vocabulary) changes it; a single changed token between samples does not."""
+def content_fingerprint(path):
+    """sha256 of the file's size and of 64 blocks of 64 KB spread evenly over it (the first and the last included): a
+    few MB read whatever the size, so it is checked at every start. Any edit of the tokens at large (a
+    re-tokenization, a shifted vocabulary) changes it; a single changed token between samples does not. Read once per
+    version of the file in a process (the trainer's start asks three times: meta.json's check, the checkpoint's, the
+    new checkpoints' record)."""
+    st = os.stat(path)
+    return _sampled_sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _sampled_sha256(path, size, mtime_ns, inode, samples=64, block=1 << 16):
     import hashlib
 
-    size = os.path.getsize(path)
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
         for i in range(samples):
-            f.seek(0 if samples == 1 else (max(0, size - block) * i) // (samples - 1))
+            f.seek((max(0, size - block) * i) // (samples - 1))
             h.update(f.read(block))
     return h.hexdigest()
 

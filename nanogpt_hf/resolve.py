@@ -143,7 +143,8 @@ def find_resume_checkpoint(cfg, note):
 
 def _diverged(ckpt, note):
     try:
-        loss = json.load(open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8")).get("val_loss")
+        with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
+            loss = json.load(f).get("val_loss")
     except (OSError, ValueError, AttributeError):
         return False  # unreadable: verify_checkpoint says why, if it is the one picked
     if isinstance(loss, (int, float)) and not math.isfinite(loss):
