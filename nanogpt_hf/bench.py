@@ -512,8 +512,17 @@ def _step_figures(out, skip=5):
     return ms, statistics.median(r["tokens_per_s"] for r in records), mfu
 
 
-def _checked(cmd, cwd, env=None):
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+GPU_STEP_TIMEOUT_S = 300  # one step of the GPU proof: a hang must not spend a lent GPU's whole budget
+
+
+def _checked(cmd, cwd, env=None, timeout=GPU_STEP_TIMEOUT_S):
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise UserError(f"{' '.join(cmd[:6])} ... did not finish in {timeout} s (hung?); its last output: "
+                        f"{tail.strip()[-300:] or 'none'}") from e
     if proc.returncode != 0:
         raise UserError(f"{' '.join(cmd[:6])} ... failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return proc

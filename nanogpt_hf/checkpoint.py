@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import stat
+import time
 
 import numpy as np
 import torch
@@ -39,20 +40,27 @@ MANIFEST = "MANIFEST.json"
 
 
 def fault_point(name):
-    """Test hook for the crash tests: NANOGPT_KILL_AT=name (or name@N for the N-th time) SIGKILLs this process
-    right here, exactly like a power cut or the OOM killer would. Does nothing unless the variable is set."""
-    target = os.environ.get("NANOGPT_KILL_AT")
-    if not target or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # an elastic restart runs clean
+    """Test hooks for the crash tests, on rank NANOGPT_KILL_RANK (0 by default): NANOGPT_KILL_AT=name (or name@N for
+    the N-th time) SIGKILLs this process right here, exactly like a power cut or the OOM killer would;
+    NANOGPT_RAISE_AT=name@N raises a RuntimeError there, as a CUDA out-of-memory error on one GPU does;
+    NANOGPT_DELAY_AT=name:seconds waits there, like a slow disk. Does nothing unless a variable is set."""
+    delay = os.environ.get("NANOGPT_DELAY_AT", "")
+    if delay.partition(":")[0] == name:
+        time.sleep(float(delay.partition(":")[2]))
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # an elastic restart runs clean
         return
-    label, _, nth = target.partition("@")
-    if label != name:
-        return
-    count = fault_point.counts.get(name, 0) + 1
-    fault_point.counts[name] = count
-    if count == int(nth or 1) and int(os.environ.get("RANK", "0")) == int(os.environ.get("NANOGPT_KILL_RANK", "0")):
-        import signal
+    for variable in ("NANOGPT_KILL_AT", "NANOGPT_RAISE_AT"):
+        label, _, nth = os.environ.get(variable, "").partition("@")
+        if label != name:
+            continue
+        count = fault_point.counts.get(variable, 0) + 1
+        fault_point.counts[variable] = count
+        if count == int(nth or 1) and int(os.environ.get("RANK", "0")) == int(os.environ.get("NANOGPT_KILL_RANK", "0")):
+            if variable == "NANOGPT_RAISE_AT":
+                raise RuntimeError(f"injected fault at {name}@{count} (NANOGPT_RAISE_AT)")
+            import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 fault_point.counts = {}
@@ -120,11 +128,14 @@ def load_tree(path_stem):
 # it: lm_head.weight is tied to transformer.wte.weight and stored once), each tensor whole. torch.distributed.
 # checkpoint's get/set_state_dict was tried first: with the tied head, set_state_dict put AdamW's moments on the
 # wrong parameters (weights from h.1 on differed by ~4e-4 after one step), so the mapping is done here.
-def _whole(t):
-    """A DTensor shard (FSDP2) gathered from every rank (a collective), moved to the CPU; other tensors as they are."""
+def _whole(t, keep):
+    """A DTensor shard (FSDP2) gathered from every rank (a collective every rank joins), moved to the CPU where kept;
+    other tensors as they are. keep=False (the ranks that do not write): nothing is copied to the host and the
+    gathered tensor is freed at once, so such a rank holds one tensor on its device at a time and nothing more."""
     from torch.distributed.tensor import DTensor
 
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+    whole = t.full_tensor() if isinstance(t, DTensor) else t
+    return whole.detach().cpu() if keep else None
 
 
 def _like(whole, param):
@@ -150,14 +161,15 @@ def _unwrapped(optimizers):
 def optimizer_state(model, optimizers, keep=True):
     """{"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}, tensors whole and on the CPU;
     several optimizers (Muon + AdamW) give their groups in order. Under FSDP every rank must call this (the shards
-    are gathered); ranks with keep=False get None."""
+    are gathered, one tensor at a time); ranks with keep=False join the gathers, keep nothing and get None (on an
+    8-GPU node of gpt2-xl, 12.5 GB of host memory once instead of on every rank)."""
     names = _param_names(model)
     state, groups = {}, []
     for optimizer in _unwrapped(optimizers):
         for group in optimizer.param_groups:
             for p in group["params"]:
-                values = {k: _whole(v) if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
-                if values:
+                values = {k: _whole(v, keep) if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+                if values and keep:
                     state[names[p]] = values
             groups.append({**{k: v for k, v in group.items() if k != "params"},
                            "params": [names[p] for p in group["params"]]})
@@ -193,21 +205,28 @@ def load_optimizer_state(model, optimizers, saved, where):
 
 
 # ------------------------------------------------------------------------------------ RNG streams
-def rng_state():
+# Each rank saves the RNG state of its own GPU alone: a table of every visible GPU's (get_rng_state_all) in every
+# rank's file restored with set_rng_state_all fails on fewer GPUs (IndexError resuming an 8-GPU run on 1). `cuda` is
+# torch.cuda; tests pass a table of simulated devices.
+def rng_state(cuda=torch.cuda):
     py = random.getstate()
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": [py[0], list(py[1]), py[2]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda.is_available():
+        state["cuda"] = cuda.get_rng_state(cuda.current_device())
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, cuda=torch.cuda):
     torch.set_rng_state(state["torch"])
     np.random.set_state(tuple(state["numpy"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is not None and cuda.is_available():
+        device = cuda.current_device()
+        if isinstance(saved, (list, tuple)):  # earlier checkpoints: every visible GPU's; this rank's, where it exists
+            saved = saved[device] if device < len(saved) else saved[0]
+        cuda.set_rng_state(saved, device)
 
 
 # ------------------------------------------------------------------------------------ manifest
@@ -334,13 +353,16 @@ def prune_checkpoints(ckpt_root, keep_last, best_dir=None):
 
 
 # ------------------------------------------------------------------------------------ writing one
-def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run, record, keep_last, best=None):
+def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run, record, keep_last, best=None,
+                    detach=False):
     """Writes checkpoints/ckpt-N (N = record["iter_num"]; record becomes trainer_state.json) atomically, then makes
     out_dir's model folder equal to it. `model` is the prepared model (not a torch.compile wrapper: its state dict
     would carry `_orig_mod.` names). Returns the path, or None when a weight is not finite on some rank: such a state
     is never written. A full disk or a permission error is one UserError on every rank; the previous checkpoint stays
-    intact. Every rank calls this (under FSDP the shards are gathered)."""
-    from .launch import together
+    intact. Every rank calls this (under FSDP the shards are gathered). detach=True (a stop signal's checkpoint): the
+    state is gathered here, on the CPU, and the files are written by a forked child that the launcher's kill after
+    its grace cannot reach (launch.outliving_the_launcher)."""
+    from .launch import outliving_the_launcher, together
 
     raw = accelerator.unwrap_model(model, keep_torch_compile=False)
     finite = torch.tensor(float(all(torch.isfinite(_local(p)).all() for p in raw.parameters())), device=accelerator.device)
@@ -398,7 +420,16 @@ def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run
         for key in getattr(raw, "_tied_weights_keys", None) or {}:
             state_dict.pop(key, None)
     optimizer_whole = optimizer_state(raw, optimizers, keep=accelerator.is_main_process)
-    together(accelerator, lambda: writing(main_part))
+    if detach and accelerator.is_main_process:
+        state_dict = {k: v.cpu() for k, v in state_dict.items()}  # the child cannot use the GPU (a no-op on a CPU)
+
+        def main_part_detached():
+            run.name_holder()
+            writing(main_part)
+
+        together(accelerator, lambda: outliving_the_launcher(main_part_detached))
+    else:
+        together(accelerator, lambda: writing(main_part))
     return final
 
 

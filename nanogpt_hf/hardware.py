@@ -13,7 +13,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["GPU_PEAK_FLOPS", "gpu_peak_flops", "peak_flops", "measured_matmul_flops", "native_bf16",
+__all__ = ["GPU_PEAK_FLOPS", "gpu_peak_flops", "peak_flops", "measured_matmul_flops", "checked_peak", "native_bf16",
            "keep_freed_memory_mapped", "resolve_device"]
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s, by a word of the name torch
@@ -45,7 +45,7 @@ def measured_matmul_flops(dtype=torch.float32, max_n=2048, budget_s=0.3, repeats
     from 256 up to max_n only while the next size fits the time budget, so a dtype the CPU emulates (bf16 without
     AVX512-BF16/AMX: ~50x slower than fp32) costs a fraction of a second, not minutes."""
     g = torch.Generator().manual_seed(0)  # private: measuring must not move the training RNG streams
-    n, rate = 256, 0.0
+    n, peak = 256, 0.0
     while True:
         a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
         a @ b  # warm-up
@@ -54,10 +54,27 @@ def measured_matmul_flops(dtype=torch.float32, max_n=2048, budget_s=0.3, repeats
             t0 = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t0)
-        rate = 2 * n**3 / best
+        # the best rate over every size: a larger size is not always faster (on an AMD EPYC 1024^2 ran at a third of
+        # 512^2's rate, out of cache), and the last one measured made MFU read 300%
+        peak = max(peak, 2 * n**3 / best)
         if n >= max_n or best * 8 * (repeats + 1) > budget_s:  # the next size costs 8x per matmul
-            return rate
+            return peak
         n *= 2
+
+
+def checked_peak(peak, rate, device, dtype, warn):
+    """The peak to measure MFU against once a step has run at `rate` FLOP/s: a step faster than the peak means the
+    peak is wrong (a CPU's was measured while the machine was busy), so a CPU's is measured again once; if the step
+    still beats it, None (MFU n/a from here on) and one warning line saying why. MFU is never above 100%."""
+    if rate <= peak:
+        return peak
+    if torch.device(device).type == "cpu":
+        peak = max(peak, measured_matmul_flops(dtype=dtype))
+        if rate <= peak:
+            return peak
+    warn(f"warning: MFU n/a from here on: a step ran at {rate / 1e9:,.1f} GFLOP/s, faster than the peak it is measured "
+         f"against ({peak / 1e9:,.1f} GFLOP/s; on a CPU, measured at start-up while the machine was busy?)")
+    return None
 
 
 def peak_flops(device, override=None, dtype=torch.float32):

@@ -18,7 +18,7 @@ from .errors import UserError
 from .hardware import keep_freed_memory_mapped
 
 __all__ = ["make_accelerator", "check_launch", "launched_world_size", "on_gpu", "round_accumulation", "together", "finish",
-           "StopSignals"]
+           "StopSignals", "outliving_the_launcher"]
 
 
 def _precision(dtype, on_gpu, warn):
@@ -245,3 +245,48 @@ class StopSignals:
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def outliving_the_launcher(fn):
+    """Runs fn in a forked child and waits for it; fn's UserError is raised here. A launcher that stops its workers
+    with SIGTERM and SIGKILLs them a few seconds later cannot cut fn short: accelerate 1.16's one-process launcher
+    lists the process tree when SIGTERM reaches it and kills that list 5 s later, torch's elastic agent (torchrun,
+    multi-process accelerate launch) the workers it started, 30 s later. A child forked after the signal is in
+    neither list, so the checkpoint a stop signal asks for is completed even when this process is killed while
+    waiting (the child holds out_dir's lock until it is done). Not beyond a scheduler that kills a job's whole cgroup
+    (SLURM after KillWait, Kubernetes after terminationGracePeriodSeconds): README says how to give the run that time.
+    fn must use no GPU and no collective: a forked child can use neither. Without fork (Windows) fn runs here."""
+    if not hasattr(os, "fork"):
+        return fn()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: fn, its error text into the pipe, and out without the parent's exit handlers
+        os.close(read)
+        # its own session: the elastic agent kills its workers' process groups (killpg) once its grace is over; and
+        # no output: the launcher's stderr pipe is gone once it exits (fn reports through the pipe alone)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        code, message = 0, b""
+        try:
+            fn()
+        except UserError as e:
+            code, message = 2, str(e).encode()
+        except BaseException:  # a bug: its traceback goes to the parent, which raises it
+            import traceback
+
+            code, message = 1, traceback.format_exc().encode()
+        finally:
+            with contextlib.suppress(OSError):
+                os.write(write, message)
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 2:
+        raise UserError(message)
+    if code != 0:
+        raise RuntimeError(f"the checkpoint writer (pid {pid}) failed with exit code {code}:\n{message}")

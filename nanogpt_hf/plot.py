@@ -2,6 +2,7 @@
 line saying which iteration the run's model folder holds."""
 
 import argparse
+import math
 import os
 
 from .errors import UserError, cli_main
@@ -24,7 +25,8 @@ def plot_run(out_dir, path=None):
     if not steps and not evals:
         raise UserError(f"{out_dir}/log.jsonl has no losses yet")
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.plot([r["iter"] for r in steps], [r["train/loss"] for r in steps], lw=0.8, alpha=0.6, label="train (per step)")
+    losses = [math.nan if r["train/loss"] is None else r["train/loss"] for r in steps]  # null: a skipped step
+    ax.plot([r["iter"] for r in steps], losses, lw=0.8, alpha=0.6, label="train (per step)")
     if evals:
         ax.plot([r["iter"] for r in evals], [r["train/loss_eval"] for r in evals], "o-", label="train (eval)")
         ax.plot([r["iter"] for r in evals], [r["val/loss"] for r in evals], "o-", label="val")

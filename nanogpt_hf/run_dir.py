@@ -73,11 +73,18 @@ class RunDir:
             f.close()
             raise UserError(f"out_dir {self.path} is in use by another trainer ({holder}): wait for it to finish, "
                             f"or choose another out_dir") from e
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
         self._lock_file = f
+        self.name_holder()
+
+    def name_holder(self):
+        """Writes this process into the lock file (what a refused second trainer is told). A forked checkpoint writer
+        (launch.outliving_the_launcher) inherits the lock and names itself."""
+        f = self._lock_file
+        if f is not None:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
 
     def release(self):
         if self._lock_file is not None:

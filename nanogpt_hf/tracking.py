@@ -6,6 +6,7 @@ The display suits where it runs: a tqdm bar in a terminal; nanoGPT's plain lines
 """
 
 import json
+import math
 import os
 import secrets
 import sys
@@ -42,13 +43,14 @@ class Progress:
             self.bar.update(1)
 
     def report(self, iter_num, loss, lr, dt, mfu):
-        """The log_interval line: in the bar's postfix in a terminal, as nanoGPT's line elsewhere. mfu None: the
-        device's peak is unknown (a GPU missing from hardware.GPU_PEAK_FLOPS)."""
+        """The log_interval line: in the bar's postfix in a terminal, as nanoGPT's line elsewhere. mfu None: not
+        measured yet (the first steps), or no trustworthy peak (a GPU missing from hardware.GPU_PEAK_FLOPS; a step
+        that beat the measured peak, said once by hardware.checked_peak)."""
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ms=f"{dt * 1000:.1f}",
                                  mfu="n/a" if mfu is None else f"{mfu * 100:.1f}%", refresh=False)
         else:
-            mfu_text = "n/a (unknown device peak)" if mfu is None else f"{mfu * 100:.2f}%"
+            mfu_text = "n/a" if mfu is None else f"{mfu * 100:.2f}%"
             self.write(f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}")
 
     def close(self):
@@ -72,8 +74,10 @@ class Journal:
         if self.file is None:
             return
         fault_point("log")
+        # strict JSON (jq, JSON.parse): a non-finite value (a skipped step's loss) is null, never a bare NaN
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         try:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
         except OSError as e:
             self.failed = (f"cannot write the journal {self.path} ({e.strerror or e}): free disk space, then continue "
                            f"with init_from=auto (the checkpoints already written are intact)")

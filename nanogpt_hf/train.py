@@ -9,6 +9,7 @@ run_dir.py (out_dir), tracking.py (progress, journal, trackers), checkpoint.py (
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ from .config import SHAPE_KEYS, load_config
 from .corpus import data_fingerprint
 from .data import eval_batches, train_batches
 from .errors import UserError, cli_main
-from .hardware import native_bf16, peak_flops
+from .hardware import checked_peak, native_bf16, peak_flops
 from .hub import push_after_save
 from .launch import StopSignals, check_launch, finish, launched_world_size, make_accelerator, together
 from .optim import NS_DTYPES, configure_optimizer, skip_step_if
@@ -169,7 +170,8 @@ def train(cfg, sources=None):
     journal = Journal(accelerator, run)
 
     n_params = raw_model.get_num_params()
-    peak = peak_flops(accelerator.device, dtype={"bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32))
+    peak_dtype = {"bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    peak = peak_flops(accelerator.device, dtype=peak_dtype)
     flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter / world  # per process (MFU per device)
     log(f"world size {world} ({accelerator.distributed_type.value}) | tokens per iteration will be: {tokens_per_iter:,} "
         f"({cfg.gradient_accumulation_steps} accumulation x {cfg.batch_size} batch x {cfg.block_size} block; "
@@ -204,19 +206,19 @@ def train(cfg, sources=None):
                 state.best_checkpoint = run.checkpoint_path(state.iter_num)
             checkpoint(final)
 
-    def checkpoint(final):
+    def checkpoint(final, detach=False):
         say(f"saving checkpoint to {run.checkpoint_path(state.iter_num)}")
         record = dict(dataclasses.asdict(state), tokens_seen=state.iter_num * tokens_per_iter, world_size=world,
                       config=cfg.to_dict(), tokenizer=tokenizer_signature(tokenizer),
                       model_shape={k: getattr(raw_model.config, k) for k in SHAPE_KEYS})
         if not save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run, record, cfg.keep_last,
-                               state.best_checkpoint):
+                               state.best_checkpoint, detach=detach):
             raise UserError(f"training diverged: weights are not finite at iteration {state.iter_num}, so nothing was "
                             f"saved; {last_good()}: lower learning_rate (or raise warmup_iters) and resume")
         if main:
             push_after_save(cfg, "end" if final else "every_save", say)
 
-    bad_steps, running_mfu, pending, peer_lost = 0, -1.0, None, False
+    bad_steps, running_mfu, pending, alone = 0, None, None, False
     model.train()
     t0 = time.perf_counter()
     try:
@@ -256,7 +258,10 @@ def train(cfg, sources=None):
                     optimizer.step()  # with fp16 the gradient scaler skips overflowing steps itself
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            previous, pending = pending, (state.iter_num, *_to_host(flags))
+            # on a GPU the flags are read one step later, when they are long done; on a CPU they are ready now, so a
+            # stop signal is acted on at the end of the step it arrived in
+            flagged = (state.iter_num, *_to_host(flags))
+            previous, pending = (pending, flagged) if flagged[2] is not None else (flagged, None)
 
             t1 = time.perf_counter()
             dt, t0 = t1 - t0, t1
@@ -265,15 +270,20 @@ def train(cfg, sources=None):
             if (state.iter_num - 1) % cfg.log_interval == 0:
                 lossf = accelerator.reduce(step_loss, reduction="mean").item()
                 if peak and state.iter_num - 1 - (resume_iter or 0) >= 5:  # let the training loop settle a bit
-                    mfu_now = flops_per_iter / dt / peak
-                    running_mfu = mfu_now if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu_now
-                mfu = max(running_mfu, 0.0) if peak else None  # None: a GPU whose peak is unknown
-                journal.log({"iter": state.iter_num - 1, "train/loss": lossf, "lr": lr, "grad_norm": grad_norm.item(),
-                             "time_ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
+                    peak = checked_peak(peak, flops_per_iter / dt, accelerator.device, peak_dtype, say)
+                    if peak:
+                        mfu_now = flops_per_iter / dt / peak
+                        running_mfu = mfu_now if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu_now
+                mfu = running_mfu if peak else None  # None: not known yet, or no trustworthy peak (unknown GPU)
+                norm = grad_norm.item()
+                skipped = {"skipped": True} if not (math.isfinite(lossf) and math.isfinite(norm)) else {}
+                journal.log({"iter": state.iter_num - 1, "train/loss": lossf, "lr": lr, "grad_norm": norm,
+                             "time_ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "mfu": mfu, **skipped})
                 progress.report(state.iter_num - 1, lossf, lr, dt, mfu)
             bad_steps, stop = _act_on(previous, bad_steps, cfg, journal, signals, say, last_good)
-            if stop:  # preemption: the step is done; checkpoint it and leave (resume continues bit for bit)
-                checkpoint(final=False)
+            if stop:  # preemption: the step is done; checkpoint it and leave (resume continues bit for bit), the
+                # files written by a process the launcher's kill after its grace cannot cut short
+                checkpoint(final=False, detach=True)
                 progress.close()
                 log(f"stopped by {signal.Signals(stop).name} at iteration {state.iter_num}: checkpoint written; continue "
                     f"with init_from=resume (or the same command with init_from=auto)")
@@ -286,19 +296,26 @@ def train(cfg, sources=None):
     except Exception as e:
         if isinstance(e, UserError):
             raise
-        peer_lost = world > 1 and _is_peer_failure(e)
-        if peer_lost:
-            raise UserError(f"another process of this run stopped ({str(e).splitlines()[0][:160]}): its launcher says "
-                            f"which and why; continue with init_from=auto", every_rank=True) from e
+        # an error of this process alone (a CUDA out-of-memory on one GPU, a bug): no collective after it, since the
+        # other ranks wait in the step's all-reduce and would never join one; this process leaves at once, so the
+        # launcher stops the others
+        alone = world > 1
+        if world > 1 and _is_peer_failure(e):
+            raise UserError(f"another process of this run stopped ({_first_line(e, 160)}): its launcher says which "
+                            f"and why; continue with init_from=auto", every_rank=True) from e
         if cfg.compile and _is_compile_failure(e):
-            raise UserError(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}): train "
-                            f"without it, --compile=false") from e
+            raise UserError(f"torch.compile failed ({type(e).__name__}: {_first_line(e, 200)}): train without it, "
+                            f"--compile=false", every_rank=alone) from e
+        if alone and os.environ.get("NANOGPT_TRACEBACK") != "1":
+            raise UserError(f"rank {accelerator.process_index} stopped the run: {type(e).__name__}: {_first_line(e, 300)}"
+                            f" (NANOGPT_TRACEBACK=1 shows the traceback); continue with init_from=auto",
+                            every_rank=True) from e
         raise
     finally:
         progress.close()
         signals.restore()
         journal.close()
-        if not peer_lost:  # a collective with a dead peer would only fail (or wait) again
+        if not alone:  # ranks leave together; after an error of one rank, or a dead peer, a collective would hang
             finish(accelerator)
         run.release()
 
@@ -330,6 +347,10 @@ def _is_compile_failure(e):
     from torch._dynamo.exc import TorchDynamoException
 
     return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
+
+
+def _first_line(e, limit):
+    return (str(e).strip().splitlines() or [""])[0][:limit]
 
 
 def _is_peer_failure(e):

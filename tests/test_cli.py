@@ -63,3 +63,15 @@ def test_a_failed_push_is_the_whole_reason_in_one_line(tmp_path, capsys, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     assert_cli_error(hub_main, ["push", str(out), "me/x"], "cannot push to me/x (", capsys)
+
+
+def test_a_hung_gpu_proof_step_is_stopped_with_one_line(tmp_path):
+    """Every subprocess of nanogpt-bench --what gpu has a time limit: a hang costs minutes, not a GPU's budget."""
+    import sys
+
+    from nanogpt_hf.bench import _checked
+    from nanogpt_hf.errors import UserError
+
+    with pytest.raises(UserError, match=r"did not finish in 1 s \(hung\?\); its last output: waiting"):
+        _checked([sys.executable, "-c", "import sys, time; print('waiting', file=sys.stderr, flush=True); "
+                                        "time.sleep(30)"], str(tmp_path), timeout=1)

@@ -4,6 +4,7 @@ and train.py's loop. Accelerate picks FSDP only for GPU process groups; NANOGPT_
 seam (launch.py): it changes that choice and nothing else. Checkpoints hold whole tensors by parameter name, so a
 sharded run resumes on one process and a one-process run resumes sharded."""
 
+import json
 import os
 import shutil
 import sys
@@ -150,3 +151,67 @@ def test_sharded_loader_reads_a_first_release_checkpoint(tmp_path):
     load_optimizer_state(model, fresh, load_tree(str(tmp_path / "optimizer")), "old")
     for p in model.parameters():
         assert torch.equal(fresh.state[p]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"])
+
+
+class DeviceTable:
+    """A node's GPUs as torch.cuda's RNG functions see them (one generator state per device, the current device),
+    for the checkpoint's RNG code on a machine without GPUs."""
+
+    def __init__(self, count, current):
+        self.states = [torch.Generator().manual_seed(100 + i).get_state() for i in range(count)]
+        self.current = current
+
+    def is_available(self):
+        return bool(self.states)
+
+    def current_device(self):
+        return self.current
+
+    def get_rng_state(self, device):
+        return self.states[device].clone()
+
+    def set_rng_state(self, state, device):
+        self.states[device] = state.clone()  # an IndexError for a device this node lacks, as torch.cuda's
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [((8, 5), (1, 0)), ((1, 0), (8, 3)), ((4, 2), (2, 1))])
+def test_each_rank_saves_and_restores_its_own_gpus_rng_on_any_number_of_gpus(tmp_path, saved_on, resumed_on):
+    """Rank 5 of an 8-GPU node saves its own GPU's state alone; resumed where this rank has GPU 0 of 1 (or the other
+    way round), the state lands on the current device and the other devices are untouched. Earlier checkpoints
+    (every GPU's state in every rank's file) still load."""
+    from nanogpt_hf.checkpoint import rng_state, set_rng_state
+
+    node = DeviceTable(*saved_on)
+    save_tree(str(tmp_path / "rank"), {"rng": rng_state(cuda=node)})
+    mine = node.states[saved_on[1]]
+    other = DeviceTable(*resumed_on)
+    untouched = [s.clone() for i, s in enumerate(other.states) if i != resumed_on[1]]
+    set_rng_state(load_tree(str(tmp_path / "rank"))["rng"], cuda=other)
+    assert torch.equal(other.states[resumed_on[1]], mine)
+    assert all(torch.equal(a, b) for a, b in zip(untouched, [s for i, s in enumerate(other.states) if i != resumed_on[1]]))
+    old = {**rng_state(cuda=node), "cuda": [s.clone() for s in node.states]}  # the earlier format: every GPU's
+    save_tree(str(tmp_path / "old"), {"rng": old})
+    set_rng_state(load_tree(str(tmp_path / "old"))["rng"], cuda=other)
+    expected = node.states[resumed_on[1]] if resumed_on[1] < len(node.states) else node.states[0]
+    assert torch.equal(other.states[resumed_on[1]], expected)
+
+
+@pytest.mark.slow
+def test_fsdp2_muon_gathers_once_per_matrix_and_saves_keep_state_on_the_writing_rank_only():
+    """PyTorch's FSDP2 on 2 gloo processes (tests/workers/fsdp_optimizer.py). Muon: one step on 4 sharded matrices
+    issues 2 collectives per matrix (gather, then the owner's broadcast; op-by-op Newton-Schulz on the shards issued
+    64), and 3 steps equal the one-process run. A checkpoint's gathering of 128 MB of AdamW state: rank 1 joins every
+    gather and keeps nothing, holding at most about two 16 MB tensors at once (it built all 128 MB before); rank 0,
+    which writes, keeps it whole."""
+    worker = os.path.join(ROOT, "tests", "workers", "fsdp_optimizer.py")
+    proc = run_cli(["torchrun", "--standalone", "--nproc_per_node", "2", worker], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = {r["rank"]: r for r in map(json.loads, [ln for ln in proc.stdout.splitlines() if ln.startswith("{")])}
+    assert sorted(ranks) == [0, 1]
+    for r in ranks.values():
+        assert r["muon_collectives"] == 2 * r["matrices"], r
+        assert r["max_difference_vs_one_process"] < 1e-6, r  # the same whole-matrix Newton-Schulz as one process
+    writer, other = ranks[0], ranks[1]
+    assert writer["kept"] and writer["host_bytes_kept"] >= writer["optimizer_bytes"]
+    assert not other["kept"] and other["host_bytes_kept"] < 1e6
+    assert other["host_bytes_peak"] <= 2.5 * other["largest_tensor_bytes"] < writer["optimizer_bytes"] / 3, other

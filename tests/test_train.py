@@ -4,6 +4,7 @@ torchrun; checkpoints, bit-exact resume after SIGKILL, and config errors."""
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -34,6 +35,9 @@ def test_single_process_run_writes_a_usable_out_dir(tmp_path, char_data):
     steps = [r for r in records if "train/loss" in r]
     assert [r["iter"] for r in steps] == [0, 5, 10, 15, 20]
     assert {"lr", "grad_norm", "tokens_per_s", "mfu", "time_ms"} <= set(steps[-1])
+    # MFU is null until measured (the first 5 steps settle the loop), then a fraction never above 1
+    assert steps[0]["mfu"] is None and all(r["mfu"] is None or 0 < r["mfu"] <= 1 for r in steps)
+    assert iters[0].endswith("mfu n/a")
     evals = [r for r in records if "val/loss" in r]  # the last iteration is always evaluated and saved
     assert [r["iter"] for r in evals] == [0, 10, 20, 25] and evals[-1]["val/loss"] < evals[0]["val/loss"]
     assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-0000020", "ckpt-0000025"]
@@ -46,6 +50,21 @@ def test_single_process_run_writes_a_usable_out_dir(tmp_path, char_data):
     run_train(tmp_path / "ckpt", char_data, *args, "--gradient_checkpointing=true")
     plain, recomputed = train_losses(out), train_losses(tmp_path / "ckpt")
     assert plain.keys() == recomputed.keys() and all(abs(plain[k] - recomputed[k]) < 1e-6 for k in plain)
+
+
+def test_one_ranks_error_ends_a_ddp_run_at_once_and_is_shown(tmp_path, char_data):
+    """Rank 1 raises in its 5th forward (as a CUDA out-of-memory error on one GPU does) while rank 0 waits in the
+    gradient all-reduce: rank 1 leaves at once with one line naming it (no collective after the error), the
+    launcher stops rank 0 and exits non-zero well within a minute, the error text in its output."""
+    env = {"NANOGPT_RAISE_AT": "step@5", "NANOGPT_KILL_RANK": "1"}
+    launcher = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp.yaml")]
+    t0 = time.time()
+    proc = run_train(tmp_path / "out", char_data, "--max_iters=50", "--gradient_accumulation_steps=2",
+                     launcher=launcher, env=env, check=False)
+    assert proc.returncode != 0 and time.time() - t0 < 60
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: rank 1 stopped the run")]
+    assert len(lines) == 1 and "RuntimeError: injected fault at step@5" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split("error: rank 1")[0]  # the worker's own output: one line, no traceback
 
 
 def test_ddp_two_processes_match_one_process(tmp_path, char_data):
@@ -149,6 +168,15 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, char_data):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "non-finite steps in a row" in proc.stderr.strip().splitlines()[-1]
     assert "step skipped" in proc.stdout
+    # the journal is strict JSON (no bare NaN): a skipped step's loss and grad_norm are null, and it says skipped
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    records = [json.loads(line, parse_constant=strict) for line in open(out / "log.jsonl")]
+    skipped = [r for r in records if r.get("skipped")]
+    assert skipped and all(r["train/loss"] is None or r["grad_norm"] is None for r in skipped)
+    assert all(r["train/loss"] is not None and r["grad_norm"] is not None for r in records
+               if "train/loss" in r and not r.get("skipped"))
     # no checkpoint with non-finite weights was ever written
     for ckpt in os.listdir(out / "checkpoints") if (out / "checkpoints").exists() else []:
         weights = load_file(out / "checkpoints" / ckpt / "model" / "model.safetensors")

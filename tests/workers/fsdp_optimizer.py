@@ -1,0 +1,111 @@
+"""Run by tests/test_sharded.py under `torchrun --nproc_per_node 2` (gloo, CPU): PyTorch's FSDP2 on stacks of
+matrices, then (1) Muon's step: the collectives it issues, counted with torch's CommDebugMode, and its weights
+against the same steps in one process; (2) a checkpoint's gathering of AdamW's state: the host memory each rank
+keeps, and holds at most, from glibc's allocation counts sampled while it runs. Prints one JSON line per rank."""
+
+import ctypes
+import json
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.debug import CommDebugMode
+
+from nanogpt_hf.checkpoint import optimizer_state
+from nanogpt_hf.optim import Muon
+
+WIDTH, DEPTH, STEPS = 256, 4, 3  # Muon's stack
+BIG = 2048  # the checkpoint's: 4 x 16 MB matrices, 128 MB of AdamW state, more than the process's free heap
+
+
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (glibc >= 2.33): every field a size_t
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_mallinfo2 = ctypes.CDLL(None).mallinfo2
+_mallinfo2.restype = MallInfo2
+
+
+def allocated():
+    """Bytes the process has allocated from glibc and not freed (heap in use + mmapped blocks): unlike RSS, not
+    hidden by freed heap being reused."""
+    info = _mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def measured(fn):
+    """(fn's result, bytes it left allocated, the most it held allocated at once while running), from allocated()
+    sampled every 0.5 ms."""
+    start, peak, done = allocated(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], allocated() - start)
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    left = allocated() - start
+    return result, left, max(peak[0], left)
+
+
+def stack(seed, width=WIDTH):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(DEPTH)])
+
+
+def sharded(seed, width=WIDTH):
+    model = stack(seed, width)
+    for layer in model:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def batch(g, width=WIDTH):
+    return torch.randn(8, width, generator=g)  # the same batches on every rank: FSDP's mean gradient is 1 process's
+
+
+def train(model, optimizer, steps, g, width=WIDTH):
+    for _ in range(steps):
+        model(batch(g, width)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    # (1) Muon: STEPS steps sharded, the last one's collectives counted; the same STEPS steps in one process
+    model, g = sharded(0), torch.Generator().manual_seed(1)
+    optimizer = Muon(model.parameters(), lr=0.02, ns_dtype=torch.float32)
+    train(model, optimizer, STEPS - 1, g)
+    model(batch(g)).square().mean().backward()
+    with CommDebugMode() as comms:  # the step alone: the backward's reduce-scatters are FSDP's, not Muon's
+        optimizer.step()
+    single = stack(0)
+    train(single, Muon(single.parameters(), lr=0.02, ns_dtype=torch.float32), STEPS, torch.Generator().manual_seed(1))
+    difference = max((a.full_tensor() - b).abs().max().item() for a, b in zip(model.parameters(), single.parameters()))
+    # (2) a checkpoint's gathering of AdamW's state: only rank 0, which writes, keeps it
+    big = sharded(2, BIG)
+    adamw = torch.optim.AdamW(big.parameters())
+    train(big, adamw, 1, torch.Generator().manual_seed(3), BIG)
+    kept, left, peak = measured(lambda: optimizer_state(big, adamw, keep=rank == 0))
+    print(json.dumps({"rank": rank, "muon_collectives": comms.get_total_counts(), "matrices": DEPTH,
+                      "max_difference_vs_one_process": difference, "kept": kept is not None,
+                      "host_bytes_kept": left, "host_bytes_peak": peak,
+                      "optimizer_bytes": sum(2 * p.numel() * 4 for p in big.parameters()),  # exp_avg(_sq), fp32
+                      "largest_tensor_bytes": BIG * BIG * 4}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
