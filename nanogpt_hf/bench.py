@@ -38,7 +38,7 @@ import torch
 
 from .errors import UserError, cli_main
 from .run_dir import RunDir
-from .hardware import keep_freed_memory_mapped, measured_matmul_flops, peak_flops, resolve_device
+from .hardware import keep_freed_memory_mapped, measured_matmul_flops, measured_read_bandwidth, peak_flops, resolve_device
 
 __all__ = ["SHAPES", "main", "bench_train", "bench_generate"]
 
@@ -252,10 +252,28 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
             return tps["GPT2LMHeadModel generate, sampling top_k=1"]
         return tps["GPT2LMHeadModel generate"]
 
+    # what a token reads: every weight once (int8 where quantized) and the keys and values so far (the mean context)
+    kv = 2 * shape["n_layer"] * shape["n_embd"] * 4 * (prompt_len + new_tokens / 2)
+    per_token = {k: (_bytes_read_per_token(quantized) if "int8" in k else _bytes_read_per_token(ours)) + kv for k in tps}
+    bandwidth = measured_read_bandwidth() if device.type == "cpu" else None
     return {"what": "generate", "shape": shape_name, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1,
             "tokens_per_s": tps, "vs_GPT2LMHeadModel": {k: tps[k] / reference(k) for k in tps
                                                         if not k.startswith("GPT2LMHeadModel")},
+            "bytes_per_token": per_token, "read_bandwidth": bandwidth,
+            "of_bandwidth_bound": {k: tps[k] * per_token[k] / bandwidth for k in tps} if bandwidth else None,
             "same_tokens_fp32_paths": same}
+
+
+def _bytes_read_per_token(model):
+    """The bytes of weights a batch-1 decoding step reads: every parameter and buffer once (a tied head counted
+    once), but the position embedding, of which a step reads one row."""
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.data_ptr() in seen or name.endswith("wpe.weight"):
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
 
 
 # ------------------------------------------------------------------------------------------ prepare, startup
@@ -594,11 +612,16 @@ def _print(result):
               f"speed-up x{result['speedup_vs_GPT2LMHeadModel']:.2f}" +
               (f" | nanoGPT {ms['nanoGPT']:8.1f} ms, speed-up x{result['speedup_vs_nanoGPT']:.2f}" if "nanoGPT" in ms else ""))
     elif what == "generate":
-        print(f"generate {result['shape']}, batch 1, {result['new_tokens']} new tokens (tokens/s; x GPT2LMHeadModel's "
-              f"same path; fp32 paths give the same tokens: {result['same_tokens_fp32_paths']})")
+        bandwidth = result.get("read_bandwidth")
+        print(f"generate {result['shape']}, batch 1, {result['new_tokens']} new tokens (tokens/s; MB each token reads; "
+              f"the share of the bound this machine's {bandwidth / 1e9 if bandwidth else float('nan'):.1f} GB/s read "
+              f"bandwidth sets; x GPT2LMHeadModel's same path; fp32 paths give the same tokens: "
+              f"{result['same_tokens_fp32_paths']})")
         for name, tps in result["tokens_per_s"].items():
             ratio = result["vs_GPT2LMHeadModel"].get(name)
-            print(f"  {name:<42} {tps:8.0f}" + (f"   x{ratio:.2f}" if ratio else ""))
+            share = (result.get("of_bandwidth_bound") or {}).get(name)
+            print(f"  {name:<42} {tps:8.0f} tok/s {result['bytes_per_token'][name] / 1e6:7.1f} MB"
+                  + (f" {share * 100:5.1f}% of bound" if share else "") + (f"   x{ratio:.2f}" if ratio else ""))
     elif what == "prepare":
         print(f"prepare {result['corpus_mb']:.0f} MB, num_proc {result['num_proc']} | {result['seconds']:.1f} s, "
               f"{result['end_to_end_mb_per_s']:.1f} MB/s end to end, tokenizer {result['tokenize_mb_per_s']:.1f} MB/s | "

@@ -15,6 +15,7 @@ Old checkpoints are deleted only after the new one is in place (keep_last newest
 Everything is safetensors or JSON: nothing here unpickles, so a crafted file cannot run code.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -336,12 +337,13 @@ def latest_checkpoint(ckpt_root):
     return dirs[-1] if dirs else None
 
 
-def prune_checkpoints(ckpt_root, keep_last, best_dir=None):
-    """Deletes all but the keep_last newest complete checkpoints and the best one; also leftover temporaries."""
+def prune_checkpoints(ckpt_root, keep_last, best=None):
+    """Deletes all but the keep_last newest complete checkpoints and the best one (its folder name: where the run
+    folder is now, wherever it was when the best was recorded); also leftover temporaries."""
     dirs = checkpoint_dirs(ckpt_root)
     keep = set(dirs[-keep_last:]) if keep_last > 0 else set()
-    if best_dir:
-        keep.add(best_dir)
+    if best:
+        keep.add(os.path.join(ckpt_root, os.path.basename(best)))
     if dirs:
         keep.add(dirs[-1])  # the newest always stays: it is what resume needs
     for path in dirs:
@@ -385,7 +387,7 @@ def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run
             previous = run.latest_checkpoint()
             raise UserError(f"cannot write checkpoint {final} ({reason}); "
                             f"{'the previous one, ' + previous + ', is intact' if previous else 'nothing was saved'}: "
-                            f"free disk space or fix permissions, then continue with init_from=auto") from e
+                            f"{_remedy(e)}, then continue with init_from=auto") from e
 
     def begin():
         if accelerator.is_main_process:
@@ -431,6 +433,21 @@ def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run
     else:
         together(accelerator, lambda: writing(main_part))
     return final
+
+
+def _remedy(error):
+    """What to do about a failed write, by its cause (shutil.copytree's Error holds each file's)."""
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
+        text = str(error.args[0][0][-1])
+        code = next((c for c, name in ((errno.ENOSPC, "No space"), (errno.EACCES, "Permission denied")) if name in text),
+                    None)
+    else:
+        code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space (or raise the quota)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "fix out_dir's permissions (or choose another out_dir)"
+    return "fix what the error names"
 
 
 def _reason(error):

@@ -19,7 +19,9 @@ import yaml
 from .configuration_nanogpt import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS
 from .errors import UserError
 
-__all__ = ["TrainConfig", "load_config", "resumed_config", "parse_cli", "resolve_config_path", "help_text", "CONFIGS_DIR",
+__all__ = ["TrainConfig", "load_config", "resumed_config", "parse_cli", "resolve_config_path", "help_text", "read_yaml",
+           "validate",
+           "CONFIGS_DIR",
            "LOGGERS", "CLI", "COMMAND_KEYS", "MODEL_KEYS", "SHAPE_KEYS", "model_options"]
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # shipped with the package
@@ -164,10 +166,42 @@ def resolve_config_path(name, config_path=None):
     raise UserError(f"config {name!r} not found (looked in {', '.join(candidates)}); available: {', '.join(available)}")
 
 
-def _read_yaml(path):
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as a config needs it: no anchors or aliases (an alias bomb, a few lines that expand to billions of nodes
+    or refer to themselves, hung the trainer) and at most MAX_DEPTH levels of nesting; refused while parsing."""
+
+    MAX_DEPTH = 8
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (& and *) are not allowed in a config",
+                                              event.start_mark)
+        if self._depth >= self.MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {self.MAX_DEPTH} levels",
+                                              event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of keys; a bigger file is not one
+
+
+def _yaml_value(text):
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader, with aliases refused)
+
+
+def read_yaml(path):
+    """A YAML config file's mapping (anchors, aliases, deep nesting and huge files refused in one line)."""
     try:
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise UserError(f"{path}: {os.path.getsize(path):,} bytes is not a config (at most {MAX_CONFIG_BYTES:,})")
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = _yaml_value(f)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -184,7 +218,7 @@ def _read_yaml(path):
 
 def _load_yaml_config(path):
     """The YAML's keys with its `defaults: [model: NAME]` presets merged underneath."""
-    data = _read_yaml(path)
+    data = read_yaml(path)
     merged = {}
     defaults = data.pop("defaults", []) or []
     if not isinstance(defaults, list):
@@ -196,7 +230,7 @@ def _load_yaml_config(path):
         preset = os.path.join(os.path.dirname(os.path.abspath(path)), group, f"{name}.yaml")
         if not os.path.isfile(preset):
             raise UserError(f"{path}: preset {group}/{name} not found ({preset})")
-        merged.update(_read_yaml(preset))
+        merged.update(read_yaml(preset))
     merged.update(data)
     return merged
 
@@ -205,6 +239,11 @@ def _load_yaml_config(path):
 def _suggest(key):
     close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else "; see train_accelerate.py --help"
+
+
+def _short(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _coerce(key, value, source):
@@ -225,10 +264,13 @@ def _coerce(key, value, source):
             raise UserError(f"{source}: {key} must be a finite number, got {value!r}")
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected is list:
+    elif expected is list:  # of strings (files, logger names)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
-        ok = isinstance(value, list)
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if not ok:
+            raise UserError(f"{source}: {key} must be a list of strings (like ['a.jsonl', 'b.jsonl'] or a,b), got "
+                            f"{_short(value)}")
     else:  # str
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
@@ -238,8 +280,10 @@ def _coerce(key, value, source):
     return value
 
 
-def validate(cfg, sources):
-    """Every rule of every field, then the rules across fields; a refusal names where the value came from."""
+def validate(cfg, sources, shape=True):
+    """Every rule of every field, then the rules across fields; a refusal names where the value came from.
+    shape=False leaves the model's shape to be checked once it is known (a resume: the run's own shape with this
+    command's keys on top, so `--n_embd=64` is checked against the run's n_head, not the default's)."""
     def where(key):
         return sources.get(key, "the defaults")
 
@@ -267,7 +311,8 @@ def validate(cfg, sources):
         if cfg.stream_files and not cfg.stream_val_files:
             raise UserError(f"{where('stream_files')}: streaming from local files has no validation split: give "
                             f"held-out files with --stream_val_files=a.jsonl,b.jsonl")
-    _validate_model_shape(cfg, where)
+    if shape:
+        _validate_model_shape(cfg, where)
     return cfg
 
 
@@ -340,8 +385,12 @@ def parse_cli(argv):
         elif key == "config_path":
             config_path = value
         else:
+            if len(value) > MAX_CONFIG_BYTES:
+                raise UserError(f"--{key}: a value of {len(value):,} characters is too long")
             try:
-                overrides[key] = yaml.safe_load(value) if value != "" else ""
+                overrides[key] = _yaml_value(value) if value != "" else ""
+            except yaml.composer.ComposerError as e:  # an alias or deep nesting: refused, not taken as a string
+                raise UserError(f"--{key}={value[:60]}: {e.problem}") from e
             except yaml.YAMLError:
                 overrides[key] = value
         i += 1
@@ -369,7 +418,7 @@ def load_config(argv=()):
         apply(values, _load_yaml_config(source_file), sources, source_file)
     apply(values, overrides, sources, CLI)
     cfg = TrainConfig(**values)
-    return validate(cfg, sources), sources
+    return validate(cfg, sources, shape=cfg.init_from == "scratch"), sources
 
 
 # Keys a checkpoint never decides: how this command starts, what it may trust, where it writes and what it publishes

@@ -6,6 +6,7 @@ written last, so its presence means the bins are complete.
 
 import functools
 import json
+import logging
 import os
 
 import numpy as np
@@ -127,6 +128,8 @@ def load_documents(dataset=None, files=None, text_column="text", num_proc=None, 
 
     if bool(dataset) == bool(files):
         raise UserError("give either a dataset name (--dataset) or local files (--files), not both or neither")
+    # datasets' JSON reader logs a malformed line as an error before raising it: the UserError below says the same
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     try:
         if files:
             builder, kwargs = _builder_for(files, sample_by)
@@ -140,6 +143,10 @@ def load_documents(dataset=None, files=None, text_column="text", num_proc=None, 
     except Exception as e:  # datasets wraps decode errors of its builders in its own exception types
         if isinstance(e.__cause__ or e.__context__, UnicodeDecodeError) or "codec can't decode" in str(e):
             raise UserError(f"{dataset or files}: not UTF-8 text; convert it, e.g. iconv -f latin1 -t utf-8") from e
+        cause = e.__cause__ or e.__context__
+        if files and type(cause).__module__.startswith("pyarrow"):  # a malformed record (a broken JSON line)
+            raise UserError(f"{', '.join(files)}: a record cannot be read ({type(cause).__name__}: "
+                            f"{str(cause).strip().splitlines()[0][:200]}); fix or remove it") from e
         raise
     split = next(iter(ds.values()))
     columns = split.column_names or []

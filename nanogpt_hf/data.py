@@ -79,6 +79,7 @@ class StreamingBatches:
                  rank=0, world_size=1, sample_by="paragraph", log=print):
         from datasets.distributed import split_dataset_by_node
 
+        self.source = dataset or ", ".join(files)
         splits = load_documents(dataset, files, text_column, streaming=True, sample_by=sample_by)
         if split not in splits:
             raise UserError(f"{dataset or files}: no split {split!r} (splits: {', '.join(splits)})")
@@ -110,6 +111,13 @@ class StreamingBatches:
                 self.epoch += 1
                 self._iterator = None
                 continue
+            except Exception as e:  # a malformed record (a broken JSON line): pyarrow's or datasets' error, raised here
+                if not (isinstance(e, (ValueError, UnicodeDecodeError)) or
+                        type(e).__module__.startswith(("pyarrow", "datasets"))):
+                    raise
+                detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise UserError(f"{self.source}: a record cannot be read ({type(e).__name__}: {detail}); fix or remove "
+                                f"it") from e
             self.buffer.extend(example["ids"])
             self._dataset_state = copy.deepcopy(self.ds.state_dict())
         row, self.buffer = self.buffer[: self.row], self.buffer[self.row :]

@@ -23,8 +23,10 @@ import torch
 from torch.nn import functional as F
 
 from .errors import UserError, cli_main
-from .fileio import atomic_path
+from .data import check_bin
+from .fileio import atomic_path, check_writable_place
 from .model_io import load_model_and_tokenizer
+from .run_dir import RunDir
 from .corpus import dataset_dir, read_meta
 from .tokenization import char_vocabulary, check_same_vocabulary, encode_text, meta_signature, tokenizer_signature
 
@@ -187,23 +189,31 @@ def _mc_tokens(tokenizer, context, ending, protocol):
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
-    ctx_ids = tokenizer.encode(context, add_special_tokens=False)
+    # verbose=False: no "longer than the specified maximum" warning, the scorer fits the block itself
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False, verbose=False)
+    ctx_ids = tokenizer.encode(context, add_special_tokens=False, verbose=False)
     return ctx_ids, whole[len(ctx_ids):], len(ending)
 
 
 @torch.no_grad()
 def score_multiple_choice(model, tokenizer, examples, protocol="lm-eval"):
     """acc: argmax of the endings' summed log-likelihood; acc_norm: the same divided by the protocol's length (see
-    MC_PROTOCOLS). Contexts longer than the model's block are cut from the left, as both protocols' code does."""
+    MC_PROTOCOLS). A context that does not fit the model's block with an ending is cut from the left, as both
+    protocols' code does (counted: context_cut). An item with an ending longer than the block cannot be scored
+    (lm-evaluation-harness stops on it): it is left out of acc and acc_norm and counted (skipped_too_long)."""
     device = next(model.parameters()).device
     block = model.config.block_size
-    correct = correct_norm = 0
+    correct = correct_norm = skipped = cut = 0
     predictions = []
     for ctx, endings, label in examples:
+        encoded = [_mc_tokens(tokenizer, ctx, ending, protocol) for ending in endings]
+        if any(len(end_ids) > block for _, end_ids, _ in encoded):
+            skipped += 1
+            predictions.append({"skipped": "an ending is longer than the model's context", "label": label})
+            continue
+        cut += any(len(ctx_ids) + len(end_ids) > block + 1 for ctx_ids, end_ids, _ in encoded)
         scores, norms = [], []
-        for ending in endings:
-            ctx_ids, end_ids, divisor = _mc_tokens(tokenizer, ctx, ending, protocol)
+        for ctx_ids, end_ids, divisor in encoded:
             ids = (ctx_ids + end_ids)[-(block + 1) :]
             x = torch.tensor([ids], device=device)
             logprobs = F.log_softmax(model(x[:, :-1], use_cache=False).logits.float(), dim=-1)
@@ -215,9 +225,12 @@ def score_multiple_choice(model, tokenizer, examples, protocol="lm-eval"):
         correct += pred == label
         correct_norm += pred_norm == label
         predictions.append({"pred": pred, "pred_norm": pred_norm, "label": label, "scores": scores})
-    n = len(examples)
+    n = len(examples) - skipped
+    if n == 0:
+        raise UserError(f"every one of the {skipped} items has an ending longer than the model's context of {block} "
+                        f"tokens: nothing can be scored")
     return {"protocol": protocol, "acc": correct / n, "acc_norm": correct_norm / n, "examples": n,
-            "predictions": predictions}
+            "skipped_too_long": skipped, "context_cut": cut, "predictions": predictions}
 
 
 # ------------------------------------------------------------------------------------------ model card
@@ -230,7 +243,9 @@ def write_model_card_results(folder, title, result):
     marker = f"<!-- nanogpt-eval: {title} -->"
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in result.items() if k != "predictions")
-    section = f"{marker}\n### Evaluation: {title}\n\n| metric | value |\n|---|---|\n{rows}\n{marker}\n"
+    state = RunDir(folder).latest_state()  # a training run's folder: the iteration its model is (else a plain folder)
+    measured = f" (the model of iteration {state['iter_num']})" if state else ""
+    section = f"{marker}\n### Evaluation: {title}{measured}\n\n| metric | value |\n|---|---|\n{rows}\n{marker}\n"
     if marker in text:
         start, end = text.index(marker), text.rindex(marker) + len(marker) + 1
         text = text[:start] + section + text[end:]
@@ -246,8 +261,9 @@ def _check_inputs(args):
         raise UserError("--batch_size must be at least 1")
     if args.output:
         folder = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise UserError(f"--output {args.output}: {folder} is not a writable folder; create it first")
+        if not os.path.isdir(folder):
+            raise UserError(f"--output {args.output}: {folder} is not a folder; create it first")
+        check_writable_place(args.output, f"--output {args.output}")
     if args.text_file and not os.path.isfile(args.text_file):
         raise UserError(f"--text_file {args.text_file} does not exist")
     if args.dataset or args.data_dir:
@@ -255,6 +271,7 @@ def _check_inputs(args):
         read_meta(data_dir)
         if not os.path.exists(os.path.join(data_dir, f"{args.split}.bin")):
             raise UserError(f"{os.path.join(data_dir, args.split + '.bin')} does not exist: --split is train or val")
+        check_bin(data_dir, args.split, 1)  # empty: one line (the window size is the model's, known later)
     if args.hf_dataset:
         for name in args.hf_dataset.split(","):
             if not os.path.exists(name) and (os.path.splitext(name)[1] or name.startswith((".", "/", "~"))):
@@ -274,6 +291,10 @@ def main(argv=None):
     if args.multiple_choice:
         result = score_multiple_choice(model, tokenizer, examples, args.mc_protocol)
         title = f"multiple choice on {os.path.basename(args.multiple_choice)}, {MC_PROTOCOLS[args.mc_protocol]}"
+        if result["skipped_too_long"] or result["context_cut"]:
+            accelerator.print(f"note: of {len(examples)} items, {result['skipped_too_long']} left out (an ending longer "
+                              f"than the model's context of {model.config.block_size} tokens) and "
+                              f"{result['context_cut']} scored with their context cut from the left to fit")
         accelerator.print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
     else:
         block_size = args.block_size or model.config.block_size

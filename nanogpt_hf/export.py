@@ -5,6 +5,7 @@ import argparse
 import os
 
 from .errors import UserError, cli_main
+from .fileio import check_writable_place
 from .model_io import load_model_and_tokenizer
 from .tokenization import char_tokenizer, char_vocabulary
 
@@ -12,9 +13,10 @@ __all__ = ["main", "export_gpt2"]
 
 
 def export_gpt2(source, dest):
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise UserError(f"{dest} exists and is not an empty folder: choose a new folder (nothing was overwritten)")
+    check_writable_place(os.path.join(dest, "config.json"), f"DEST {dest}")
     model, tokenizer = load_model_and_tokenizer(source)
-    if os.path.exists(dest) and os.listdir(dest):
-        raise UserError(f"{dest} exists and is not empty: choose a new folder (nothing was overwritten)")
     try:
         gpt2 = model.to_gpt2()
     except ValueError as e:

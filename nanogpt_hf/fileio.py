@@ -1,10 +1,14 @@
-"""Atomic file writes: readers see the old file or the complete new one, never a half-written one."""
+"""Atomic file writes: readers see the old file or the complete new one, never a half-written one; and where a
+tool will write, checked before its work."""
 
 import contextlib
 import os
+import tempfile
 import uuid
 
-__all__ = ["atomic_path"]
+from .errors import UserError
+
+__all__ = ["atomic_path", "check_writable_place"]
 
 
 @contextlib.contextmanager
@@ -21,3 +25,17 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable_place(path, label):
+    """Raises one UserError unless a file can be created where path is to be written (its folder, or the nearest
+    folder above it that exists); label names it in the message (`--output x.json`). Checked by creating one, since os.access says yes to root in /proc. For a tool to
+    call before its long work, so that a bad --output fails in a second, not after the evaluation."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{label}: nothing can be written in {folder} ({e.strerror or e}); choose another place") from e

@@ -8,13 +8,14 @@ The trainer pushes by itself with --push_to_hub=true. The token comes from the e
 """
 
 import argparse
-import json
 import os
+import re
 
 import yaml
 
-from .config import TrainConfig
+from .config import TrainConfig, read_yaml
 from .errors import UserError, cli_main
+from .fileio import atomic_path
 from .run_dir import RunDir
 
 __all__ = ["model_card", "push_run", "push_after_save", "download_training_state", "MODEL_FILES", "main"]
@@ -25,11 +26,14 @@ MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "*.
 
 
 def _run_state(run):
-    ckpt = run.latest_checkpoint()
-    if ckpt is None:
-        return None, None
-    with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
-        return ckpt, json.load(f)
+    return run.latest_checkpoint(), run.latest_state()
+
+
+def _eval_iteration(state):
+    """Which iteration the recorded losses were measured at (a run stopped by a signal saves a later one)."""
+    if not state or state.get("eval_iter") is None:
+        return "n/a"
+    return f"iteration {state['eval_iter']}"
 
 
 def model_card(cfg, state):
@@ -43,7 +47,7 @@ library_name: transformers
 tags: [nanogpt, nanogpt-hf, text-generation]
 pipeline_tag: text-generation
 ---
-
+{CARD_START}
 # {repo}
 
 A NanoGPT ({cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, context {cfg.block_size}) trained with
@@ -53,6 +57,7 @@ nanogpt-hf (nanoGPT as a transformers model) on `{data}`.
 |---|---|
 | iterations | {state['iter_num'] if state else 'n/a'} |
 | tokens seen | {tokens} |
+| last evaluation | {_eval_iteration(state)} |
 | train loss (last evaluation) | {fmt(state.get('train_loss') if state else None)} |
 | val loss (last evaluation) | {fmt(state.get('val_loss') if state else None)} |
 
@@ -72,7 +77,39 @@ python train_accelerate.py --config train_config.yaml
 ```yaml
 {yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip()}
 ```
+{CARD_END}
 """
+
+
+# the part of README.md a push writes; everything outside it (nanogpt-eval's sections, a user's notes) is kept
+CARD_START, CARD_END = "<!-- nanogpt-hf: model card -->", "<!-- nanogpt-hf: end of model card -->"
+_EVAL_SECTION = re.compile(r"(<!-- nanogpt-eval: (.*?) -->\n.*?<!-- nanogpt-eval: \2 -->\n?)", re.S)
+
+
+def _front_matter(text):
+    """(the YAML front matter block, the rest) of a model card."""
+    if text.startswith("---\n"):
+        end = text.find("\n---\n", 4)
+        if end != -1:
+            return text[:end + 5], text[end + 5:]
+    return "", text
+
+
+def merged_card(existing, card):
+    """The new card with what other tools wrote kept: its front matter replaces the old one, its block (between the
+    markers) replaces ours, and the rest stays where it was. A card pushed before the markers existed keeps its
+    nanogpt-eval sections."""
+    if existing is None:
+        return card
+    front, ours = _front_matter(card)
+    _, rest = _front_matter(existing)
+    if CARD_START in rest and CARD_END in rest:
+        before, after = rest.split(CARD_START, 1)[0], rest.split(CARD_END, 1)[1].lstrip("\n")
+    elif "nanogpt-hf (nanoGPT as a transformers model)" in rest:  # our own card, written before the markers
+        before, after = "", "".join(m.group(1) for m in _EVAL_SECTION.finditer(rest))
+    else:  # somebody else's README: kept whole, after ours
+        before, after = "", rest
+    return front + before + ours.rstrip("\n") + "\n" + ("\n" + after if after.strip() else "")
 
 
 def push_run(cfg, include_training_state=False, api=None):
@@ -83,8 +120,10 @@ def push_run(cfg, include_training_state=False, api=None):
     api = api or HfApi()
     run = RunDir(cfg.out_dir)
     ckpt, state = _run_state(run)
-    with open(os.path.join(cfg.out_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(cfg, state))
+    path = os.path.join(cfg.out_dir, "README.md")
+    existing = open(path, encoding="utf-8").read() if os.path.isfile(path) else None
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(merged_card(existing, model_card(cfg, state)))
     try:
         api.create_repo(cfg.hub_model_id, private=cfg.hub_private, exist_ok=True)
         api.upload_folder(repo_id=cfg.hub_model_id, folder_path=cfg.out_dir, allow_patterns=MODEL_FILES,
@@ -130,8 +169,7 @@ def _config_of(out_dir):
     run = RunDir(out_dir)
     if not os.path.exists(run.config_path):
         raise UserError(f"{out_dir} has no train_config.yaml: not a training run (train into it first)")
-    with open(run.config_path, encoding="utf-8") as f:
-        saved = yaml.safe_load(f) or {}
+    saved = read_yaml(run.config_path)
     return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
 
 

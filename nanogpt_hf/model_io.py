@@ -75,6 +75,7 @@ def _load_model(name_or_path, dropout, **overrides):
         return NanoGPTForCausalLM.from_gpt2(name_or_path, dropout=dropout, **overrides)
     if os.path.isdir(name_or_path) and not _is_model_folder(name_or_path):
         raise UserError(f"{name_or_path}: no config.json here, so it is not a model folder (train one, or name gpt2*)")
+    model_config_of(name_or_path)  # a valid config, of a size this machine can build, before anything is built
     model_type = _model_type(name_or_path)
     if model_type == "gpt2":
         return NanoGPTForCausalLM.from_gpt2(name_or_path, dropout=dropout, **overrides)
@@ -91,6 +92,7 @@ def from_pretrained_strict(folder, **kwargs):
     says (an edited config, a damaged file) is an error, never a silently random-initialised model."""
     from .modeling_nanogpt import NanoGPTForCausalLM
 
+    model_config_of(folder)
     model, info = NanoGPTForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
     problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if problems:
@@ -129,28 +131,66 @@ def read_json(path):
         raise UserError(f"{path}: unreadable ({e})") from e
 
 
+def _raw_config(name_or_path):
+    path = fetch_file(name_or_path, "config.json")
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: holds a JSON {type(raw).__name__}, not a model config object; the folder was edited "
+                        f"or is damaged")
+    return raw
+
+
 def _model_type(name_or_path):
-    return read_json(fetch_file(name_or_path, "config.json")).get("model_type")
+    return _raw_config(name_or_path).get("model_type")
+
+
+# No model of more parameters is built from a config.json, whatever the machine (gpt2-xl has 1.6e9)
+MAX_PARAMETERS = 1e12
+
+
+def approx_num_parameters(config):
+    """The parameter count a NanoGPTConfig describes, from the config alone (GPT-2's layout: 12 E^2 per block for
+    the attention and MLP matrices, the embeddings, an untied head), to refuse before building."""
+    E, L, V = config.n_embd, config.n_layer, config.vocab_size
+    positions = config.block_size * E if config.position_embedding == "learned" else 0
+    head = 0 if config.tie_word_embeddings else V * E
+    return L * (12 * E * E + 13 * E) + V * E + positions + head
+
+
+def _check_buildable(config, where):
+    """A config.json naming a model this machine cannot hold (n_layer=1e9: layers would be built until memory runs
+    out, silently) is refused in one line before anything is built."""
+    n = approx_num_parameters(config)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else float("inf")
+    if n > MAX_PARAMETERS or 4 * n > memory:
+        raise UserError(f"{where}: its config.json describes a model of {n:.3g} parameters ({4 * n / 1e9:,.0f} GB in "
+                        f"fp32), more than this machine's {memory / 1e9:,.0f} GB of memory"
+                        f"{'' if n <= MAX_PARAMETERS else ' and any model this tool builds (1e12)'}: the folder was "
+                        f"edited or is damaged")
 
 
 def model_config_of(name_or_path):
     """The NanoGPTConfig a model source would load with, read from its config.json alone (no weights): how the
-    trainer knows a finetune's shape before anything is built."""
+    trainer knows a finetune's shape before anything is built. Refused in one line: a config that is not an object,
+    not valid, or of a model this machine cannot hold."""
     from .configuration_nanogpt import GPT2_PRESETS, NanoGPTConfig
     from .gpt2_conversion import nanogpt_config_from_gpt2
 
     if is_gpt2_name(name_or_path):  # OpenAI's four: nanoGPT's table (vocab 50257, context 1024, biases, tanh GELU)
         preset = GPT2_PRESETS[name_or_path.removeprefix("openai-community/")]
         return nanogpt_config_from_gpt2({**preset, "vocab_size": 50257, "n_positions": 1024})
-    raw = read_json(fetch_file(name_or_path, "config.json"))
+    raw = _raw_config(name_or_path)
     try:
         if raw.get("model_type") == "gpt2":
-            return nanogpt_config_from_gpt2(raw)
-        if raw.get("model_type") == "nanogpt":
-            return NanoGPTConfig.from_dict(raw)
+            config = nanogpt_config_from_gpt2(raw)
+        elif raw.get("model_type") == "nanogpt":
+            config = NanoGPTConfig.from_dict(raw)
+        else:
+            raise UserError(f"{name_or_path}: model_type {raw.get('model_type')!r} is neither nanogpt nor gpt2")
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"{name_or_path}: its config.json is not a valid model config ({e})") from e
-    raise UserError(f"{name_or_path}: model_type {raw.get('model_type')!r} is neither nanogpt nor gpt2")
+    _check_buildable(config, name_or_path)
+    return config
 
 
 def load_model_and_tokenizer(name_or_path, trust_remote_code=False, **kwargs):

@@ -22,7 +22,7 @@ import os
 import torch
 
 from .checkpoint import CKPT_PREFIX, MANIFEST, load_optimizer_state, load_tree, set_rng_state, verify_checkpoint
-from .config import CLI, SHAPE_KEYS, model_options, resumed_config
+from .config import CLI, SHAPE_KEYS, model_options, resumed_config, validate
 from .corpus import check_prepared, data_fingerprint, dataset_dir, read_meta
 from .data import MemmapBatches, check_bin
 from .errors import UserError
@@ -40,8 +40,11 @@ def resolve_run(cfg, sources, world):
     """(cfg, checkpoint or None, its trainer_state or None, [lines to print]). Runs on every rank from the same
     files, so every rank resolves the same run (or refuses with the same message)."""
     run, notes = RunDir(cfg.out_dir), []
+    run.refuse_if_in_use()  # a second trainer on the folder: its one line before anything else is said
     if cfg.init_from == "auto":  # torchrun --max-restarts: the same command resumes after a crash
         cfg = dataclasses.replace(cfg, init_from="resume" if run.latest_checkpoint() else "scratch")
+        if cfg.init_from == "scratch":
+            validate(cfg, sources)  # the shape, which load_config leaves to the resolved run
     ckpt = state = None
     if cfg.init_from == "resume":
         ckpt = find_resume_checkpoint(cfg, notes.append)
@@ -153,15 +156,58 @@ def _diverged(ckpt, note):
     return False
 
 
+def _count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# what each trainer_state.json value must be (a crafted or damaged file is refused before anything reads it)
+_STATE_FIELDS = {
+    "iter_num": (_count, "a whole number >= 0"),
+    "best_val_loss": (_number, "a number"),
+    "val_loss": (lambda v: v is None or _number(v), "a number or null"),
+    "train_loss": (lambda v: v is None or _number(v), "a number or null"),
+    "eval_iter": (lambda v: v is None or _count(v), "a whole number >= 0 or null"),
+    "best_checkpoint": (lambda v: v is None or isinstance(v, str), "a checkpoint's name or null"),
+    "world_size": (lambda v: _count(v) and v > 0, "a whole number >= 1"),
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "model_shape": (lambda v: isinstance(v, dict), "an object"),
+    "tokenizer": (lambda v: isinstance(v, dict), "an object"),
+    "data": (lambda v: isinstance(v, dict), "an object"),
+    "tracker_ids": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "an object of ids"),
+}
+_REQUIRED = ("iter_num", "config", "model_shape", "tokenizer")
+
+
 def read_trainer_state(ckpt):
+    """The checkpoint's trainer_state.json with every value checked; best_checkpoint as a checkpoint's folder name
+    (records written before runs were relocatable hold a path: its last part is the name, in this out_dir)."""
+    where = f"{ckpt}/trainer_state.json"
     try:
         with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
             state = json.load(f)
-        if not isinstance(state.get("config"), dict) or not isinstance(state.get("model_shape"), dict):
-            raise ValueError("no config or model_shape")
-        return state
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"{ckpt}/trainer_state.json is unreadable ({e}); resume from another checkpoint") from e
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where} is unreadable ({e}); resume from another checkpoint") from e
+    if not isinstance(state, dict):
+        raise UserError(f"{where} holds no object; resume from another checkpoint")
+    for key in _REQUIRED:
+        if key not in state:
+            raise UserError(f"{where} has no {key}; resume from another checkpoint")
+    for key, (ok, what) in _STATE_FIELDS.items():
+        if key in state and not ok(state[key]):
+            raise UserError(f"{where}: {key} is {state[key]!r}, not {what} (damaged or crafted); resume from another "
+                            f"checkpoint")
+    best = state.get("best_checkpoint")
+    if best is not None:
+        name = os.path.basename(best.rstrip("/\\"))
+        if not name.startswith(CKPT_PREFIX) or not name[len(CKPT_PREFIX):].isdigit():
+            raise UserError(f"{where}: best_checkpoint {best!r} names no checkpoint (damaged or crafted); resume from "
+                            f"another checkpoint")
+        state["best_checkpoint"] = name
+    return state
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -64,15 +64,10 @@ class RunDir:
         except OSError as e:
             raise UserError(f"out_dir {self.path} is not writable ({e.strerror}): choose another out_dir") from e
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            self._lock(f, fcntl.LOCK_EX)
+        except UserError:
             f.close()
-            raise UserError(f"out_dir {self.path} is in use by another trainer ({holder}): wait for it to finish, "
-                            f"or choose another out_dir") from e
+            raise
         self._lock_file = f
         self.name_holder()
 
@@ -85,6 +80,28 @@ class RunDir:
             f.truncate()
             f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             f.flush()
+
+    def refuse_if_in_use(self):
+        """The lock's refusal, read-only and before anything is built or printed (acquire() takes the lock later, once
+        the run is known to start; a trainer that starts in between is still refused there)."""
+        try:
+            f = open(self.lock_path, encoding="utf-8")
+        except OSError:  # no lock file: no trainer ever held the folder
+            return
+        with f:
+            self._lock(f, fcntl.LOCK_SH)  # released when f closes
+
+    def _lock(self, f, mode):
+        """flock of the lock file without waiting; a held one is one line naming its holder."""
+        try:
+            fcntl.flock(f.fileno(), mode | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"out_dir {self.path} is in use by another trainer ({holder}): wait for it to finish, or "
+                            f"choose another out_dir") from e
 
     def release(self):
         if self._lock_file is not None:
@@ -235,16 +252,29 @@ class RunDir:
             self.publish_model(ckpt)
 
     # ------------------------------------------------------------------------------------------ summary
+    def latest_state(self):
+        """The newest complete checkpoint's trainer_state.json (iteration, losses and the iteration they were measured
+        at), or None without one or when it is unreadable."""
+        ckpt = self.latest_checkpoint()
+        try:
+            with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
+                state = json.load(f)
+        except (TypeError, OSError, ValueError):  # TypeError: no checkpoint
+            return None
+        return state if isinstance(state, dict) and isinstance(state.get("iter_num"), int) else None
+
     def summary(self):
         """One line: which iteration the model folder holds, its val loss, and where the best one is."""
-        ckpt = self.latest_checkpoint()
+        ckpt, state = self.latest_checkpoint(), self.latest_state()
         if ckpt is None:
             return f"{self.path}: no checkpoint yet (the run has not reached its first save)"
-        with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
-            state = json.load(f)
+        if state is None:
+            return f"{self.path}: {ckpt}/trainer_state.json is unreadable"
         line = f"model folder {self.path} holds iteration {state['iter_num']}"
-        if state.get("val_loss") is not None:
-            line += f" (val loss {state['val_loss']:.4f})"
+        if state.get("val_loss") is not None:  # measured at eval_iter: earlier than iter_num after a stop signal
+            measured = state.get("eval_iter")
+            at = "" if measured in (None, state["iter_num"]) else f", measured at iteration {measured}"
+            line += f" (val loss {state['val_loss']:.4f}{at})"
         best = state.get("best_checkpoint")
         if best and os.path.basename(best) != os.path.basename(ckpt):
             line += (f"; the best val loss {state['best_val_loss']:.4f} is iteration {int(best.rsplit('-', 1)[1])}, "

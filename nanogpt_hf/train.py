@@ -40,7 +40,7 @@ class TrainState:
 
     iter_num: int = 0
     best_val_loss: float = 1e9
-    best_checkpoint: str | None = None  # the checkpoint folder with best_val_loss
+    best_checkpoint: str | None = None  # the name of the checkpoint folder with best_val_loss (in out_dir/checkpoints)
     val_loss: float | None = None  # of the latest evaluation
     train_loss: float | None = None  # of the latest evaluation
     eval_iter: int | None = None  # iteration of the latest evaluation
@@ -202,8 +202,8 @@ def train(cfg, sources=None):
         if is_best:
             state.best_val_loss = losses["val"]
         if (is_best or cfg.always_save_checkpoint or final) and state.iter_num > 0:
-            if is_best:
-                state.best_checkpoint = run.checkpoint_path(state.iter_num)
+            if is_best:  # by name: the run folder may be moved or copied (a path would name the old place)
+                state.best_checkpoint = os.path.basename(run.checkpoint_path(state.iter_num))
             checkpoint(final)
 
     def checkpoint(final, detach=False):
@@ -290,7 +290,7 @@ def train(cfg, sources=None):
                 raise SystemExit(128 + stop)
         together(accelerator, _raise_if(journal.failed))
         progress.close()
-        log(f"done: trained to iteration {state.iter_num}, val loss {state.val_loss:.4f} "
+        log(f"done: trained to iteration {state.iter_num}, val loss {state.val_loss:.4f} at iteration {state.eval_iter} "
             f"(best {state.best_val_loss:.4f}); {run.summary() if main else ''}")
         return {"iter_num": state.iter_num, "val_loss": state.val_loss, "best_val_loss": state.best_val_loss}
     except Exception as e:

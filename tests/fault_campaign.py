@@ -206,7 +206,36 @@ BAD_INPUTS = [
     (["--data_dir=@SHIFTED", "--out_dir=@EMPTY"], "content fingerprint differs"),
     (["--init_from=resume", "--out_dir=@DIVERGE", "--max_iters=60", "--learning_rate=1e9", "--decay_lr=false",
       "--grad_clip=0"], "training diverged"),
+    # folders and values as users receive them (the folders issue)
+    (["--init_from=@HUGE", "--out_dir=@EMPTY"], "its config.json describes a model of"),
+    (["--init_from=@LISTCONFIG", "--out_dir=@EMPTY"], "holds a JSON list, not a model config"),
+    (["--init_from=resume", "--resume_from=@BADSTATE"], "iter_num is '5', not a whole number"),
+    (["--init_from=resume", "--resume_from=@NEGSTATE"], "iter_num is -100, not a whole number"),
+    (["--stream_files=&a [1,*a]"], "anchors and aliases"), (["--stream_files=[1,[2]]"], "must be a list of strings"),
+    (["--init_from=resume", "--n_embd=63"], "must be divisible by n_head (2)"),
 ]
+
+
+def _folders_users_receive(reference, tmp, folders):
+    """@HUGE: a model folder whose config.json says 1e9 layers; @LISTCONFIG: a config.json that is a JSON list;
+    @BADSTATE/@NEGSTATE: a run whose newest trainer_state.json holds a string / a negative iter_num (manifest
+    consistent, as a crafted upload's would be)."""
+    import shutil
+
+    from nanogpt_hf.checkpoint import write_manifest
+
+    for name, edit in (("@HUGE", lambda c: {**c, "n_layer": 1_000_000_000}), ("@LISTCONFIG", lambda c: [1, 2])):
+        folders[name] = os.path.join(tmp, name[1:].lower())
+        shutil.copytree(reference, folders[name])
+        path = os.path.join(folders[name], "config.json")
+        json.dump(edit(json.load(open(path))), open(path, "w"))
+    for name, value in (("@BADSTATE", "5"), ("@NEGSTATE", -100)):
+        folders[name] = os.path.join(tmp, name[1:].lower())
+        shutil.copytree(reference, folders[name])
+        ckpt = os.path.join(folders[name], "checkpoints", sorted(os.listdir(os.path.join(folders[name], "checkpoints")))[-1])
+        state = json.load(open(os.path.join(ckpt, "trainer_state.json")))
+        json.dump({**state, "iter_num": value}, open(os.path.join(ckpt, "trainer_state.json"), "w"))
+        write_manifest(ckpt)
 
 
 def bad_input_campaign(tmp, data, reference, table):
@@ -252,6 +281,7 @@ def bad_input_campaign(tmp, data, reference, table):
     newest = sorted(os.listdir(os.path.join(folders["@DAMAGED"], "checkpoints")))[-1]
     with open(os.path.join(folders["@DAMAGED"], "checkpoints", newest, "optimizer.safetensors"), "r+b") as f:
         f.truncate(100)
+    _folders_users_receive(reference, tmp, folders)
     watched = [reference, data, folders["@BPE"]]
     before = [tree_digest(w) for w in watched]
     for extra, message in BAD_INPUTS:

@@ -125,3 +125,69 @@ def test_sample_cli_errors(tmp_path, finished_run, capsys):
     ]
     for argv, message in cases:
         assert_cli_error(sample_main, argv, message, capsys)
+
+
+def test_folders_and_values_users_receive_are_one_line(tmp_path, char_data, finished_run, capsys):
+    """The held-out attack's cases: a config.json of 1e9 layers (refused within seconds, before building), a JSON
+    list for a config, an alias bomb in a YAML list key and on the command line, a list key of non-strings, a
+    malformed JSON line in --stream_files, an empty val.bin and an unwritable --output for nanogpt-eval (before the
+    evaluation), an unwritable export destination, and a resume's shape checked against the run's own n_head."""
+    import json
+    import time
+
+    from nanogpt_hf.evaluate import main as eval_main
+    from nanogpt_hf.export import main as export_main
+
+    huge = tmp_path / "huge"
+    shutil.copytree(finished_run, huge)
+    config = json.load(open(huge / "config.json"))
+    json.dump({**config, "n_layer": 1_000_000_000}, open(huge / "config.json", "w"))
+    refused = "its config.json describes a model of 1.27e+13 parameters"
+    t0 = time.monotonic()
+    assert_cli_error(sample_main, ["--out_dir", str(huge), "--max_new_tokens", "3"], refused, capsys)
+    assert_cli_error(eval_main, ["--init_from", str(huge), "--data_dir", char_data], refused, capsys)
+    assert_cli_error(train_main, train_args(tmp_path / "ft", char_data, f"--init_from={huge}"), refused, capsys)
+    assert time.monotonic() - t0 < 10
+    listed = tmp_path / "listed"
+    shutil.copytree(finished_run, listed)
+    (listed / "config.json").write_text("[1, 2]")
+    assert_cli_error(sample_main, ["--out_dir", str(listed)], "config.json: holds a JSON list, not a model config", capsys)
+
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdef", "bcdefg")]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\nstream_files: [" + ", ".join(["*g"] * 9) + "]\n")
+    aliases = "anchors and aliases (& and *) are not allowed in a config"
+    t0 = time.monotonic()
+    assert_cli_error(train_main, ["--config", str(bomb), f"--out_dir={tmp_path / 'b'}"], aliases, capsys)
+    assert_cli_error(train_main, ["--stream_files=&a [1,*a]", f"--out_dir={tmp_path / 'b'}"], aliases, capsys)
+    assert time.monotonic() - t0 < 5
+    assert_cli_error(train_main, ["--stream_files=[1,[2]]", f"--out_dir={tmp_path / 'b'}"],
+                     "stream_files must be a list of strings", capsys)
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "hello"}\n{bad json\n')
+    assert_cli_error(train_main, train_args(tmp_path / "s", char_data, "--data_source=streaming",
+                                            f"--stream_files={bad_jsonl}", f"--stream_val_files={bad_jsonl}"),
+                     f"{bad_jsonl}: a record cannot be read (ArrowInvalid: JSON parse error", capsys)
+
+    empty_val = tmp_path / "empty_val"
+    shutil.copytree(char_data, empty_val)
+    open(empty_val / "val.bin", "wb").close()
+    assert_cli_error(eval_main, ["--init_from", str(finished_run), "--data_dir", str(empty_val)], "val.bin is empty",
+                     capsys)
+    assert_cli_error(eval_main, ["--init_from", str(finished_run), "--data_dir", char_data, "--output",
+                                 "/proc/x.json"], "--output /proc/x.json: nothing can be written in /proc", capsys)
+    assert_cli_error(export_main, [str(finished_run), "/proc/nope"], "DEST /proc/nope: nothing can be written", capsys)
+    assert_cli_error(train_main, ["--init_from=resume", f"--out_dir={finished_run}", "--n_embd=63"],
+                     "n_embd (63) must be divisible by n_head (2)", capsys)
+
+
+def test_a_failed_checkpoint_write_says_what_to_do_about_its_cause():
+    import errno
+
+    from nanogpt_hf.checkpoint import _remedy
+
+    assert _remedy(OSError(errno.ENOSPC, "No space left on device")).startswith("free disk space")
+    assert _remedy(OSError(errno.EROFS, "Read-only file system")).startswith("fix out_dir's permissions")
+    assert _remedy(OSError(errno.EIO, "Input/output error")) == "fix what the error names"
+    assert "disk space" not in _remedy(OSError(errno.EACCES, "Permission denied"))

@@ -41,7 +41,7 @@ def test_a_path_like_model_name_that_is_not_there_fails_at_once(name, tmp_path, 
     (["--text_file", "missing.txt"], "--text_file missing.txt does not exist"),
     (["--dataset", "no_such_dataset"], "does not exist: run its prepare.py"),
     (["--hf_dataset", "missing.jsonl"], "--hf_dataset missing.jsonl: no such file"),
-    (["--text_file", __file__, "--output", "/missing/dir/x.json"], "/missing/dir is not a writable folder"),
+    (["--text_file", __file__, "--output", "/missing/dir/x.json"], "/missing/dir is not a folder; create it first"),
     (["--text_file", __file__, "--batch_size", "0"], "--batch_size must be at least 1"),
 ])
 def test_eval_inputs_are_checked_before_the_model_loads(argv, message, capsys, tmp_path, monkeypatch):

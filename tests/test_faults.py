@@ -15,6 +15,8 @@ import torch
 from conftest import ROOT, TRAIN, read_log, run_train, train_args, train_losses
 from safetensors.torch import load_file
 
+from nanogpt_hf.run_dir import RunDir
+
 pytestmark = pytest.mark.slow
 
 LONG = ["--max_iters=300", "--eval_interval=100", "--always_save_checkpoint=true", "--dropout=0.1", "--keep_last=1",
@@ -85,6 +87,10 @@ def test_preemption_checkpoints_the_current_step_and_resumes_bit_exact(tmp_path,
     assert len(stopped) == 1, stdout[-2000:]
     iteration = int(stopped[0].split("at iteration ")[1].split(":")[0])
     assert iteration > 130 and f"ckpt-{iteration:07d}" in os.listdir(out / "checkpoints")
+    # the saved val loss is iteration 100's (eval_interval 100): every summary says so, never "iteration {stop}'s"
+    val_100 = next(r["val/loss"] for r in read_log(out) if r.get("iter") == 100 and "val/loss" in r)
+    summary = RunDir(str(out)).summary()
+    assert f"holds iteration {iteration} (val loss {val_100:.4f}, measured at iteration 100)" in summary, summary
     resumed = run_train(out, char_data, *LONG, "--init_from=auto")
     assert f"Resuming training from {out}/checkpoints/ckpt-{iteration:07d}" in resumed.stdout
     assert train_losses(out) == train_losses(long_reference)  # bit for bit, no record lost or doubled
@@ -145,6 +151,7 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused(tmp_path, char_data):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"error: out_dir {out} is in use by another trainer (pid {first.pid}" in second.stderr
+    assert second.stdout.strip() == ""  # refused before anything else is said ("Initializing a new model...")
     first.communicate(timeout=300)
     assert first.returncode == 0
     assert json.loads(json.dumps(__import__("yaml").safe_load(open(out / "train_config.yaml"))))["learning_rate"] == 3e-3

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import shutil
+import sys
 import threading
 
 import pytest
@@ -129,6 +130,25 @@ def test_training_run_pushes_through_the_real_upload_code(hub_server, tmp_path, 
         if os.path.isfile(path):
             assert token.encode() not in open(path, "rb").read(), path
     assert token not in proc.stdout + proc.stderr
+
+
+def test_a_push_keeps_the_evaluation_nanogpt_eval_added_to_the_card(hub_server, run, tmp_path, char_data):
+    """nanogpt-eval --model_card adds a section (naming the iteration it measured); pushing afterwards, twice,
+    rewrites only the push's own part of README.md, locally and in the upload."""
+    endpoint, hub_root = hub_server
+    out = tmp_path / "out"
+    shutil.copytree(run, out)
+    proc = run_cli([sys.executable, "-m", "nanogpt_hf.evaluate", "--init_from", str(out), "--data_dir", char_data,
+                    "--max_tokens", "200", "--model_card"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_x", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+    for _ in range(2):
+        pushed = run_cli([sys.executable, "-m", "nanogpt_hf.hub", "push", str(out), "me/evaluated"], env=env)
+        assert pushed.returncode == 0, pushed.stderr[-2000:]
+    for card in (open(out / "README.md").read(), open(hub_root / "me" / "evaluated" / "README.md").read()):
+        assert card.startswith("---\nlibrary_name: transformers")
+        assert card.count("### Evaluation: val.bin (block 32) (the model of iteration 6)") == 1, card
+        assert card.count("| iterations | 6 |") == 1 and "| last evaluation | iteration 6 |" in card
 
 
 def test_resume_from_a_hub_id_through_the_offline_cache(run, tmp_path, char_data):

@@ -144,6 +144,49 @@ def test_a_moved_run_writes_only_where_it_now_is(run, tmp_path):
     assert _tree(a) == before and (b / "wandb").is_dir() and (b / "checkpoints" / "ckpt-0000010").is_dir()
 
 
+@pytest.mark.parametrize("how", ["mv", "cp -a"])
+def test_a_moved_or_copied_run_keeps_its_best_checkpoint(tmp_path, char_data, how):
+    """Trained to 20 with keep_last=1 (the best is the newest), moved or copied, resumed to 30 with a worse val loss:
+    the best, iteration 20, is still there, and the closing line names where it is now. A record written before
+    runs were relocatable (best_checkpoint an absolute path of the old place) is read by its name the same way."""
+    first, moved = tmp_path / "first", tmp_path / "elsewhere" / "moved"
+    args = ["--eval_interval=10", "--dropout=0.1", "--always_save_checkpoint=true", "--keep_last=1"]
+    run_train(first, char_data, *args, "--max_iters=20")
+    state_file = first / "checkpoints" / "ckpt-0000020" / "trainer_state.json"
+    state = json.load(open(state_file))
+    assert state["best_checkpoint"] == "ckpt-0000020"  # a name, not a path
+    if how == "mv":  # the earlier format, as an older version wrote it
+        json.dump({**state, "best_checkpoint": str(state_file.parent)}, open(state_file, "w"))
+        write_manifest(str(state_file.parent))
+    moved.parent.mkdir()
+    os.rename(first, moved) if how == "mv" else shutil.copytree(first, moved, symlinks=True)
+    proc = run_cli([sys.executable, TRAIN, "--init_from=resume", f"--out_dir={moved}", "--max_iters=30",
+                    "--learning_rate=0.1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evals = {r["iter"]: r["val/loss"] for r in read_log(moved) if "val/loss" in r}
+    assert evals[30] > evals[20]  # the newest is not the best
+    assert sorted(os.listdir(moved / "checkpoints")) == ["ckpt-0000020", "ckpt-0000030"]
+    assert f"the best val loss {evals[20]:.4f} is iteration 20, kept in {moved}/checkpoints/ckpt-0000020" in proc.stdout
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("iter_num", "5", "iter_num is '5', not a whole number >= 0"),
+    ("iter_num", -100, "iter_num is -100, not a whole number >= 0"),
+    ("best_val_loss", "x", "best_val_loss is 'x', not a number"),
+    ("tokenizer", 5, "tokenizer is 5, not an object"),
+    ("data", [1], "data is [1], not an object"),
+    ("best_checkpoint", "../../../etc", "best_checkpoint '../../../etc' names no checkpoint"),
+])
+def test_crafted_trainer_state_values_are_one_line(run, tmp_path, capsys, key, value, message):
+    out = tmp_path / "out"
+    shutil.copytree(run, out)
+    ckpt = out / "checkpoints" / "ckpt-0000008"
+    state = json.load(open(ckpt / "trainer_state.json"))
+    json.dump({**state, key: value}, open(ckpt / "trainer_state.json", "w"))
+    write_manifest(str(ckpt))  # consistent, as a crafted upload would be
+    assert_cli_error(train_main, ["--init_from=resume", f"--out_dir={out}", "--max_iters=10"], message, capsys)
+
+
 def _evil_folder(tmp_path):
     """A char model folder whose tokenizer_config.json names a code file of its own, which leaves a mark if run."""
     from conftest import tiny_model

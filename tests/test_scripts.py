@@ -150,11 +150,14 @@ def test_multiple_choice_in_hellaswag_format(char_run, tmp_path):
     data = tmp_path / "hs.jsonl"
     rows = [{"ctx": "The cat", "endings": ["sat on", "eeeeee", "ran to", "is big"], "label": 1},
             {"ctx": "Then", "endings": ["eee", "thou art", "we go", "no"], "label": 0},
-            {"ctx": "And", "endings": ["my lord", "good", "ee", "oh!"], "label": 0}]  # this one is answered wrong
+            {"ctx": "And", "endings": ["my lord", "good", "ee", "oh!"], "label": 0},  # this one is answered wrong
+            {"ctx": "The cat " * 6, "endings": ["eeeeee", "sat on", "ran to", "is big"], "label": 0},  # context cut
+            {"ctx": "So", "endings": ["a" * 40, "eee", "no", "yes"], "label": 1}]  # an ending longer than 32 tokens
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     result = eval_main(["--init_from", str(folder), "--multiple_choice", str(data), "--mc_protocol", "llm.c"])
-    assert result["protocol"] == "llm.c" and [p["pred"] for p in result["predictions"]] == [1, 0, 2]
-    assert result["acc"] == pytest.approx(2 / 3) and result["acc_norm"] == pytest.approx(2 / 3)
+    assert result["protocol"] == "llm.c" and [p.get("pred") for p in result["predictions"]] == [1, 0, 2, 0, None]
+    assert result["acc"] == pytest.approx(3 / 4) and result["acc_norm"] == pytest.approx(3 / 4)
+    assert (result["examples"], result["skipped_too_long"], result["context_cut"]) == (4, 1, 1)
 
 
 def test_eval_errors(char_run, char_data, tmp_path, capsys):
