@@ -1,5 +1,6 @@
 """nanogpt-export SRC DEST: write the vanilla transformers GPT2LMHeadModel folder of any checkpoint (an out_dir,
-a model folder, a hub id), with its tokenizer (GPT-2 BPE or the stock char one). Loads with no remote code."""
+a model folder, a hub id), with its tokenizer (GPT-2 BPE or the stock char one). Loads with no remote code.
+`--format gguf` writes one GGUF file for llama.cpp's GPT-2 instead (DEST: a .gguf path; gguf_export.py)."""
 
 import argparse
 import os
@@ -29,12 +30,48 @@ def export_gpt2(source, dest):
     return dest
 
 
+def export_gguf_file(source, dest, dtype):
+    """The GGUF file of source at dest (a new .gguf path); returns the notes to print."""
+    from .gguf_export import export_gguf
+
+    if not dest.endswith(".gguf"):
+        raise UserError(f"DEST {dest}: a GGUF file's name ends in .gguf (e.g. {dest.rstrip('/')}.gguf)")
+    if os.path.exists(dest):
+        raise UserError(f"{dest} exists: choose a new file name (nothing was overwritten)")
+    check_writable_place(dest, f"DEST {dest}")
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise UserError("--format gguf needs the gguf package: pip install 'nanogpt-hf[serving]' (or pip install "
+                        "gguf)") from e
+    model, tokenizer = load_model_and_tokenizer(source)
+    tmp = dest + ".partial"
+    try:
+        notes = export_gguf(model, tokenizer, tmp, dtype)
+        os.replace(tmp, dest)  # a complete file or none
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return notes
+
+
 @cli_main
 def main(argv=None):
+    from .gguf_export import GGUF_DTYPES
+
     p = argparse.ArgumentParser(prog="nanogpt-export", description=__doc__)
     p.add_argument("source", help="an out_dir, a model folder, or a hub id")
-    p.add_argument("dest", help="a new folder for the GPT2LMHeadModel")
+    p.add_argument("dest", help="a new folder for the GPT2LMHeadModel (--format gguf: a new .gguf file)")
+    p.add_argument("--format", default="gpt2", choices=("gpt2", "gguf"),
+                   help="gpt2: a transformers GPT2LMHeadModel folder; gguf: one file for llama.cpp, Ollama, LM Studio")
+    p.add_argument("--dtype", default="f16", choices=GGUF_DTYPES,
+                   help="gguf: the matrices' precision (norms, biases and positions stay f32)")
     args = p.parse_args(argv)
+    if args.format == "gguf":
+        for note in export_gguf_file(args.source, args.dest, args.dtype):
+            print(note)
+        print(f"wrote {args.dest} (GGUF, llama.cpp's GPT-2, {args.dtype}): llama-cli -m {args.dest} -p 'ROMEO:'")
+        return
     print(f"wrote {export_gpt2(args.source, args.dest)} (GPT2LMHeadModel)")
 
 

@@ -1,0 +1,175 @@
+"""Serve and ship: the GGUF file (read back by transformers' own GGUF loader, an independent reader of ggml's format)
+and nanogpt-serve (transformers' own server, asked with plain HTTP on 127.0.0.1)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from conftest import ROOT, run_cli, tiny_model, train_args
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from nanogpt_hf.model_io import load_model_and_tokenizer, save_model_folder
+from nanogpt_hf.tokenization import char_tokenizer, gpt2_hf_tokenizer
+from nanogpt_hf.train import main as train_main
+
+TEXT = "ROMEO: But soft, what light\nthrough yonder window breaks? 3 & $ -- ok;"
+CHARS = sorted(set(open(os.path.join(ROOT, "nanogpt_hf", "assets", "tinyshakespeare", "input.txt")).read()))
+# what the dtype allows between our logits and the file's, for these decisive models (|logits| ~ 10)
+TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "q8_0": 0.25}  # measured: 4e-6, 6e-3, 0.07
+
+
+def decisive(model, seed=0):
+    """Weights away from their init, so that each position's top logit stands clear of the next (a near-uniform
+    model's argmax would flip on any rounding)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def read_gguf(path):
+    """transformers' GGUF reader, as a user calls it. transformers 5.25 reads a GGUF file's context length into
+    GPT2Config.n_ctx, while GPT-2's position table is sized by n_positions (1024 by default): set it from the file."""
+    folder, name = os.path.split(path)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    config.n_positions = config.n_ctx
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def export_and_compare(folder, tmp_path, dtype):
+    from nanogpt_hf.export import main as export_main
+
+    ours, tok = load_model_and_tokenizer(str(folder))
+    path = str(tmp_path / f"model-{dtype}.gguf")
+    export_main([str(folder), path, "--format", "gguf", "--dtype", dtype])
+    theirs, their_tok = read_gguf(path)
+    assert type(theirs).__name__ == "GPT2LMHeadModel" and theirs.config.activation_function == "gelu_new"
+    ids = tok(TEXT).input_ids
+    assert their_tok(TEXT).input_ids == ids and their_tok.decode(ids) == TEXT  # the same vocabulary, both ways
+    x = torch.tensor([ids[: ours.config.block_size], ids[-ours.config.block_size:]])
+    # the file computes GPT-2's tanh GELU: against our model in that form, only the dtype's rounding is left; against
+    # the model as trained (the exact GELU), the same argmax
+    tanh = type(ours)(type(ours.config).from_dict({**ours.config.to_dict(), "activation_function": "gelu_new"}))
+    tanh.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        a, same_function, b = ours.eval()(x).logits, tanh.eval()(x).logits, theirs(x).logits
+    assert (same_function - b).abs().max().item() < TOLERANCE[dtype], (dtype, (same_function - b).abs().max().item())
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_a_char_models_gguf_loads_in_transformers_with_the_same_argmax(tmp_path, dtype):
+    """The char vocabulary travels as byte-level symbols with one inert merge; the model (trained with nanoGPT's
+    exact GELU) is read as GPT-2 with the tanh GELU, within what the dtype and the GELU form allow."""
+    tok = char_tokenizer(CHARS, model_max_length=32)
+    save_model_folder(decisive(tiny_model(vocab_size=len(tok), activation_function="gelu")), tok, str(tmp_path / "m"))
+    path = export_and_compare(tmp_path / "m", tmp_path, dtype)
+    assert os.path.getsize(path) < {"f32": 200_000, "f16": 110_000, "q8_0": 80_000}[dtype]
+
+
+@pytest.mark.slow
+def test_a_bpe_models_gguf_loads_in_transformers_with_the_same_argmax(tmp_path):
+    """GPT-2's 50257 tokens and 50000 merges, padded to the model's 50304 rows; an untied head is written as
+    llama.cpp's `output`."""
+    tok = gpt2_hf_tokenizer(32)
+    model = decisive(tiny_model(vocab_size=50304, activation_function="gelu_new", tie_word_embeddings=False, bias=True))
+    save_model_folder(model, tok, str(tmp_path / "m"))
+    export_and_compare(tmp_path / "m", tmp_path, "f16")
+
+
+def test_gguf_export_refuses_what_gpt2_cannot_compute_and_never_overwrites(tmp_path, capsys):
+    from conftest import assert_cli_error
+
+    from nanogpt_hf.export import main as export_main
+
+    tok = char_tokenizer(CHARS, model_max_length=32)
+    save_model_folder(tiny_model(vocab_size=len(tok), position_embedding="rope"), tok, str(tmp_path / "rope"))
+    assert_cli_error(export_main, [str(tmp_path / "rope"), str(tmp_path / "r.gguf"), "--format", "gguf"],
+                     "cannot export to GGUF (llama.cpp's GPT-2)", capsys)
+    assert not os.listdir(tmp_path / "rope") == [] and not (tmp_path / "r.gguf").exists()
+    (tmp_path / "taken.gguf").write_text("mine")
+    assert_cli_error(export_main, [str(tmp_path / "rope"), str(tmp_path / "taken.gguf"), "--format", "gguf"],
+                     "exists: choose a new file name", capsys)
+    assert (tmp_path / "taken.gguf").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------ nanogpt-serve
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port, body, stream=False):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        raw = response.read().decode()
+    if not stream:
+        return json.loads(raw)["choices"][0]["text"]
+    chunks = [json.loads(line[len("data: "):]) for line in raw.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    return "".join(c["choices"][0]["text"] for c in chunks), len(chunks)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, char_data, bpe_data):
+    root = tmp_path_factory.mktemp("serve")
+    for name, data in (("char", char_data), ("bpe", bpe_data)):
+        train_main(train_args(root / name, data, "--max_iters=20", "--eval_interval=20", "--eval_iters=2"))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_nanogpt_serve_answers_completions_as_greedy_generate_does(runs, tmp_path, kind):
+    """A freshly trained run, served through transformers' server: /v1/completions at temperature 0 returns the
+    text greedy generate makes, streamed or not; SIGTERM stops the server."""
+    out, port = runs / kind, _free_port()
+    ours, tok = load_model_and_tokenizer(str(out))
+    prompt = "ROMEO:"
+    ids = torch.tensor([tok(prompt).input_ids])
+    expected = tok.decode(ours.eval().generate(ids, max_new_tokens=12, do_sample=False)[0, ids.size(1):])
+    env = {**os.environ, "NANOGPT_HF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "nanogpt_hf.serve", str(out), "--port", str(port)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None and time.time() < deadline, server.stdout.read()[-3000:] if server.poll() else ""
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        (folder,) = os.listdir(tmp_path / "cache" / "serve")  # the export, keyed by the weights
+        body = {"model": str(tmp_path / "cache" / "serve" / folder), "prompt": prompt, "max_tokens": 12,
+                "temperature": 0}
+        assert _post(port, body) == expected
+        streamed, chunks = _post(port, {**body, "stream": True}, stream=True)
+        assert streamed == expected and chunks >= 2
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode is not None
+
+
+def test_nanogpt_serve_refuses_a_model_gpt2_cannot_compute(tmp_path):
+    tok = char_tokenizer(CHARS, model_max_length=32)
+    save_model_folder(tiny_model(vocab_size=len(tok), norm="rmsnorm"), tok, str(tmp_path / "m"))
+    proc = run_cli([sys.executable, "-m", "nanogpt_hf.serve", str(tmp_path / "m")],
+                   env={"NANOGPT_HF_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "norm='rmsnorm'" in proc.stderr
