@@ -31,8 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .optim import optimizer_state
 
-__all__ = ["save_tree", "load_tree", "optimizer_state", "load_optimizer_state", "rng_state", "set_rng_state",
+__all__ = ["save_tree", "load_tree", "rng_state", "set_rng_state",
            "write_manifest", "verify_checkpoint", "checkpoint_dirs", "latest_checkpoint", "prune_checkpoints", "fault_point", "sha256_of", "CKPT_PREFIX",
            "MANIFEST", "save_checkpoint"]
 
@@ -122,87 +123,6 @@ def load_tree(path_stem):
     except (OSError, SafetensorError, json.JSONDecodeError) as e:
         raise UserError(f"{path_stem}: unreadable checkpoint file ({e}); resume from another checkpoint") from e
     return _join(skeleton, tensors)
-
-
-# ------------------------------------------------------------------------------------ optimizer state
-# One format for one process, DDP and FSDP2: the state of each parameter under its name (the model's first name for
-# it: lm_head.weight is tied to transformer.wte.weight and stored once), each tensor whole. torch.distributed.
-# checkpoint's get/set_state_dict was tried first: with the tied head, set_state_dict put AdamW's moments on the
-# wrong parameters (weights from h.1 on differed by ~4e-4 after one step), so the mapping is done here.
-def _whole(t, keep):
-    """A DTensor shard (FSDP2) gathered from every rank (a collective every rank joins), moved to the CPU where kept;
-    other tensors as they are. keep=False (the ranks that do not write): nothing is copied to the host and the
-    gathered tensor is freed at once, so such a rank holds one tensor on its device at a time and nothing more."""
-    from torch.distributed.tensor import DTensor
-
-    whole = t.full_tensor() if isinstance(t, DTensor) else t
-    return whole.detach().cpu() if keep else None
-
-
-def _like(whole, param):
-    """The saved whole tensor as this process holds it: this rank's shard of a DTensor parameter (no communication:
-    every rank has the whole tensor), else the tensor itself."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor) and tuple(whole.shape) == tuple(param.shape):
-        return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-    return whole
-
-
-def _param_names(model):
-    return {p: name for name, p in model.named_parameters()}
-
-
-def _unwrapped(optimizers):
-    """A list of torch optimizers from one optimizer or a list (accelerate's AcceleratedOptimizer unwrapped)."""
-    optimizers = optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
-    return [getattr(o, "optimizer", o) for o in optimizers]
-
-
-def optimizer_state(model, optimizers, keep=True):
-    """{"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}, tensors whole and on the CPU;
-    several optimizers (Muon + AdamW) give their groups in order. Under FSDP every rank must call this (the shards
-    are gathered, one tensor at a time); ranks with keep=False join the gathers, keep nothing and get None (on an
-    8-GPU node of gpt2-xl, 12.5 GB of host memory once instead of on every rank)."""
-    names = _param_names(model)
-    state, groups = {}, []
-    for optimizer in _unwrapped(optimizers):
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                values = {k: _whole(v, keep) if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
-                if values and keep:
-                    state[names[p]] = values
-            groups.append({**{k: v for k, v in group.items() if k != "params"},
-                           "params": [names[p] for p in group["params"]]})
-    return {"state": state, "param_groups": groups} if keep else None
-
-
-def load_optimizer_state(model, optimizers, saved, where):
-    """Puts a state from optimizer_state() into the optimizers, each tensor sharded like its parameter. A state
-    saved by the first release (torch's own state_dict, keyed by position) loads as it is."""
-    optimizers = _unwrapped(optimizers)
-    if saved["param_groups"] and all(isinstance(i, int) for g in saved["param_groups"] for i in g["params"]):
-        if len(optimizers) != 1:
-            raise UserError(f"{where}: its optimizer state is AdamW's alone; resume with optimizer=adamw")
-        optimizers[0].load_state_dict(saved)
-        return
-    params = dict(model.named_parameters())
-    names = _param_names(model)
-    current = [[names[p] for p in g["params"]] for o in optimizers for g in o.param_groups]
-    stored = [g["params"] for g in saved["param_groups"]]
-    if current != stored:
-        raise UserError(f"{where}: its optimizer state is for other parameters or another optimizer "
-                        f"({sum(map(len, stored))} in {len(stored)} groups, this run has {sum(map(len, current))} in "
-                        f"{len(current)}): resume with the run's own model and optimizer settings")
-    saved_groups = iter(saved["param_groups"])
-    for optimizer in optimizers:
-        mine = [next(saved_groups) for _ in optimizer.param_groups]
-        order = [name for group in mine for name in group["params"]]
-        state = {i: {k: _like(v, params[name]) if torch.is_tensor(v) else v for k, v in saved["state"][name].items()}
-                 for i, name in enumerate(order) if name in saved["state"]}
-        position = iter(range(len(order)))
-        groups = [{**group, "params": [next(position) for _ in group["params"]]} for group in mine]
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ------------------------------------------------------------------------------------ RNG streams

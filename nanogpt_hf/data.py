@@ -11,8 +11,8 @@ import os
 import numpy as np
 import torch
 
-from .errors import UserError
 from .corpus import load_documents, read_meta, tokenize_batch
+from .errors import UserError
 
 __all__ = ["MemmapBatches", "StreamingBatches", "check_bin", "train_batches", "eval_batches"]
 

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .errors import UserError, cli_main
+from .corpus import dataset_dir, read_meta
 from .data import check_bin
+from .errors import UserError, cli_main
 from .fileio import atomic_path, check_writable_place
 from .model_io import load_model_and_tokenizer
 from .run_dir import RunDir
-from .corpus import dataset_dir, read_meta
 from .tokenization import char_vocabulary, check_same_vocabulary, encode_text, meta_signature, tokenizer_signature
 
 __all__ = ["main", "evaluate_tokens", "score_multiple_choice", "write_model_card_results"]

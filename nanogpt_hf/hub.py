@@ -13,7 +13,8 @@ import re
 
 import yaml
 
-from .config import TrainConfig, read_yaml
+from .config import TrainConfig
+from .config_yaml import read_yaml
 from .errors import UserError, cli_main
 from .fileio import atomic_path
 from .run_dir import RunDir

@@ -5,7 +5,6 @@ generation_config.json: `AutoModelForCausalLM.from_pretrained(folder, trust_remo
 `pipeline("text-generation", model=folder)` and nanogpt-sample work on it directly.
 """
 
-import json
 import os
 import pickle
 import tempfile
@@ -13,20 +12,16 @@ import tempfile
 from safetensors import SafetensorError
 
 from .errors import UserError
+from .sources import fetch_file, read_json
 
-__all__ = ["GPT2_NAMES", "is_gpt2_name", "looks_like_hub_id", "save_model_folder", "load_model", "load_model_and_tokenizer",
-           "from_pretrained_strict", "model_config_of", "fetch_file", "read_json", "enable_activation_checkpointing"]
+__all__ = ["GPT2_NAMES", "is_gpt2_name", "save_model_folder", "load_model", "load_model_and_tokenizer",
+           "from_pretrained_strict", "model_config_of", "enable_activation_checkpointing"]
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def is_gpt2_name(name):
     return name.removeprefix("openai-community/") in GPT2_NAMES
-
-
-def looks_like_hub_id(name):
-    """owner/name, not a path: anything else that is not on disk is a missing folder, not a Hub repository."""
-    return name.count("/") == 1 and not name.startswith(("/", ".", "~"))
 
 
 def save_model_folder(model, tokenizer, folder, extra_files=None):
@@ -100,35 +95,6 @@ def from_pretrained_strict(folder, **kwargs):
         raise UserError(f"{folder}: its weights do not match its config.json ({detail}); the folder was edited or is "
                         f"damaged")
     return model
-
-
-def fetch_file(name_or_path, filename, required=True):
-    """A file of a local folder or a Hub repository (downloaded), or None where it has none and required is False."""
-    if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, filename)
-        return path if os.path.exists(path) or required else None
-    if not looks_like_hub_id(name_or_path):
-        raise UserError(f"{name_or_path}: no such model folder (a Hub model id looks like owner/name)")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return hf_hub_download(name_or_path, filename)
-    except EntryNotFoundError:
-        if not required:
-            return None
-        raise UserError(f"{name_or_path}: the Hub repository has no {filename}") from None
-    except Exception as e:  # offline, unknown repo: all one answer for the user
-        raise UserError(f"{name_or_path}: not a local folder, and the Hub did not give its {filename} "
-                        f"({type(e).__name__}); check the name or the network") from e
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e})") from e
 
 
 def _raw_config(name_or_path):

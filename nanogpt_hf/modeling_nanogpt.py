@@ -22,6 +22,7 @@ This file is copied next to every saved model, so it imports only transformers, 
 """
 
 import math
+import sys
 import warnings
 
 import torch
@@ -41,6 +42,15 @@ except ImportError:  # pragma: no cover - transformers 4.x
     init = nn.init
 
 __all__ = ["NanoGPTModel", "NanoGPTForCausalLM", "NanoGPTPreTrainedModel"]
+
+# Where stderr is a log file or a CI (not a terminal), transformers' "Loading weights 0%...100%" bars around every
+# from_pretrained are noise that a user reads every time (the README's pipeline snippet included): off, as our
+# command-line tools turn them off. Loading this file (our package, or a saved folder's copy) comes before the
+# weights load. In a terminal they stay.
+if not (sys.stderr and sys.stderr.isatty()):
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
 
 # transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`; earlier 5.x
 # (and the GPU machines' 5.17) use the old name. generate() reads the cache back from this field.

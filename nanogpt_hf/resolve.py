@@ -21,15 +21,17 @@ import os
 
 import torch
 
-from .checkpoint import CKPT_PREFIX, MANIFEST, load_optimizer_state, load_tree, set_rng_state, verify_checkpoint
+from .checkpoint import CKPT_PREFIX, MANIFEST, load_tree, set_rng_state, verify_checkpoint
 from .config import CLI, SHAPE_KEYS, model_options, resumed_config, validate
 from .corpus import check_prepared, data_fingerprint, dataset_dir, read_meta
 from .data import MemmapBatches, check_bin
 from .errors import UserError
 from .hardware import native_bf16
 from .launch import on_gpu, round_accumulation
-from .model_io import from_pretrained_strict, load_model_and_tokenizer, looks_like_hub_id, model_config_of
+from .model_io import from_pretrained_strict, load_model_and_tokenizer, model_config_of
+from .optim import load_optimizer_state
 from .run_dir import RunDir
+from .sources import looks_like_hub_id
 from .tokenization import char_tokenizer, check_same_vocabulary, gpt2_hf_tokenizer, meta_signature, tokenizer_signature
 
 __all__ = ["resolve_run", "build_model", "restore_training_state", "data_dir_of", "find_resume_checkpoint"]

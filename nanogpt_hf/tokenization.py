@@ -123,7 +123,7 @@ OWN_TOKENIZERS = ("NanoGPTCharTokenizer", "PreTrainedTokenizerFast", "GPT2Tokeni
 def tokenizer_code(name_or_path):
     """The code files a folder's (or hub id's) tokenizer_config.json names through auto_map, besides this package's
     own tokenizer classes; [] when it names none."""
-    from .model_io import fetch_file, read_json
+    from .sources import fetch_file, read_json
 
     path = fetch_file(name_or_path, "tokenizer_config.json", required=False)
     if path is None or not os.path.exists(path):

@@ -5,9 +5,12 @@ The display suits where it runs: a tqdm bar in a terminal; nanoGPT's plain lines
 `Progress.write`, so it never shares the bar's line. Only the main process shows anything.
 """
 
+import contextlib
+import io
 import json
 import math
 import os
+import re
 import secrets
 import sys
 
@@ -15,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import fault_point
 
-__all__ = ["Progress", "Journal", "init_trackers"]
+__all__ = ["Progress", "Journal", "init_trackers", "plain_output", "forget_ended_trackio_run"]
 
 
 class Progress:
@@ -95,6 +98,35 @@ class Journal:
             self.file = None
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextlib.contextmanager
+def plain_output(stream=None):
+    """What the trackers print (trackio's start-up and closing lines) as a log file should hold it: in a terminal as
+    it is; elsewhere without colour codes and each line once (trackio 0.43 prints its closing line twice)."""
+    stream = stream or sys.stdout
+    if stream.isatty():
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        lines = _ANSI.sub("", captured.getvalue()).splitlines()
+        for line in dict.fromkeys(lines):  # in order, once
+            print(line, file=stream, flush=True)
+
+
+def forget_ended_trackio_run():
+    """Accelerate's trackio tracker ends its run with run.finish(), not trackio.finish(), so trackio still holds it
+    as current and its exit handler finishes it a second time (a second closing line, a second upload)."""
+    context = sys.modules.get("trackio.context_vars")
+    if context is not None:
+        context.current_run.set(None)
+
+
 def init_trackers(accelerator, cfg, tracker_ids):
     """Starts W&B, TensorBoard and trackio; a resumed run continues the same W&B and trackio runs (their ids are kept
     in the checkpoint). trackio, a local dashboard with W&B's API, takes wandb_project and wandb_run_name too."""
@@ -111,7 +143,8 @@ def init_trackers(accelerator, cfg, tracker_ids):
         init_kwargs["trackio"] = {"name": ids["trackio"], "resume": "allow"}
     scalars = {k: v for k, v in cfg.to_dict().items() if not isinstance(v, list)}
     try:
-        accelerator.init_trackers(cfg.wandb_project, config=scalars, init_kwargs=init_kwargs)
+        with plain_output():
+            accelerator.init_trackers(cfg.wandb_project, config=scalars, init_kwargs=init_kwargs)
     except Exception as e:  # wandb.errors.UsageError (no API key), CommError (no network): before any work is done
         if type(e).__module__.startswith("wandb"):
             from .errors import UserError

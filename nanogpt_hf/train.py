@@ -29,7 +29,7 @@ from .optim import NS_DTYPES, configure_optimizer, skip_step_if
 from .resolve import build_model, data_dir_of, resolve_run, restore_training_state
 from .run_dir import RunDir
 from .tokenization import tokenizer_signature
-from .tracking import Journal, Progress, init_trackers
+from .tracking import Journal, Progress, forget_ended_trackio_run, init_trackers, plain_output
 
 __all__ = ["main", "train", "get_lr", "prepare", "TrainState"]
 
@@ -316,7 +316,9 @@ def train(cfg, sources=None):
         signals.restore()
         journal.close()
         if not alone:  # ranks leave together; after an error of one rank, or a dead peer, a collective would hang
-            finish(accelerator)
+            with plain_output():  # the trackers' closing lines
+                finish(accelerator)
+            forget_ended_trackio_run()
         run.release()
 
 

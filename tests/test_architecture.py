@@ -4,9 +4,9 @@ pipeline, fresh-process remote code, export refusing or mapping)."""
 
 import pytest
 import torch
-from conftest import run_cli, run_python, tiny_model
 from transformers import pipeline
 
+from conftest import run_cli, run_python, tiny_model
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.model_io import save_model_folder
 from nanogpt_hf.tokenization import char_tokenizer

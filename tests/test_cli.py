@@ -3,8 +3,8 @@
 import time
 
 import pytest
-from conftest import assert_cli_error
 
+from conftest import assert_cli_error
 from nanogpt_hf.config import TrainConfig
 from nanogpt_hf.evaluate import main as eval_main
 from nanogpt_hf.hub import main as hub_main
@@ -52,7 +52,6 @@ def test_eval_inputs_are_checked_before_the_model_loads(argv, message, capsys, t
 
 def test_a_failed_push_is_the_whole_reason_in_one_line(tmp_path, capsys, monkeypatch):
     from conftest import tiny_model
-
     from nanogpt_hf.model_io import save_model_folder
     from nanogpt_hf.tokenization import gpt2_hf_tokenizer
 
@@ -69,7 +68,7 @@ def test_a_hung_gpu_proof_step_is_stopped_with_one_line(tmp_path):
     """Every subprocess of nanogpt-bench --what gpu has a time limit: a hang costs minutes, not a GPU's budget."""
     import sys
 
-    from nanogpt_hf.bench import _checked
+    from nanogpt_hf.bench.gpu import _checked
     from nanogpt_hf.errors import UserError
 
     with pytest.raises(UserError, match=r"did not finish in 1 s \(hung\?\); its last output: waiting"):

@@ -5,9 +5,10 @@ import os
 
 import pytest
 import yaml
-from conftest import ROOT, assert_cli_error
 
-from nanogpt_hf.config import CONFIGS_DIR, TrainConfig, load_config, resolve_config_path, resumed_config
+from conftest import ROOT, assert_cli_error
+from nanogpt_hf.config import TrainConfig, load_config, resumed_config
+from nanogpt_hf.config_yaml import CONFIGS_DIR, resolve_config_path
 from nanogpt_hf.errors import UserError
 from nanogpt_hf.train import get_lr
 from nanogpt_hf.train import main as train_main

@@ -5,11 +5,11 @@ import os
 import sys
 
 import numpy as np
-from transformers import AutoTokenizer
 import pytest
 import torch
-from conftest import ROOT, assert_cli_error, assert_one_line_error, run_cli
+from transformers import AutoTokenizer
 
+from conftest import ROOT, assert_cli_error, assert_one_line_error, run_cli
 from nanogpt_hf.data import MemmapBatches, StreamingBatches
 from nanogpt_hf.errors import UserError
 from nanogpt_hf.prepare import main as prepare_main

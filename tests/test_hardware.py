@@ -4,9 +4,9 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli
 
-from nanogpt_hf.bench import _mfu_text
+from conftest import run_cli
+from nanogpt_hf.bench.cli import _mfu_text
 
 
 @pytest.mark.slow
@@ -104,8 +104,8 @@ def test_a_step_with_non_finite_gradients_is_skipped_on_the_device():
     """The trainer never reads the step's flags back before stepping (a GPU would wait for itself): fused AdamW and
     Muon skip a bad step themselves. Weights, moments and step counts stay as they were."""
     import torch
-    from conftest import tiny_model
 
+    from conftest import tiny_model
     from nanogpt_hf.config import TrainConfig
     from nanogpt_hf.optim import configure_optimizer, skip_step_if
 

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+
 from conftest import ROOT, TRAIN, run_cli
 
 CONFIGS = os.path.join(ROOT, "accelerate_configs")
@@ -22,6 +23,7 @@ def launch_args(name, *extra):
 def test_fsdp_launch_file_is_fsdp2_with_the_models_no_split_modules(monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_multi_gpu_env
+
     from conftest import tiny_model
 
     for key, value in prepare_multi_gpu_env(launch_args("fsdp.yaml")).items():

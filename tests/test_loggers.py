@@ -57,6 +57,8 @@ def test_wandb_offline_and_tensorboard_log_what_the_jsonl_log_has(tmp_path, char
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(tmp_path / "trackio")}
     proc = run_cli(["python", TRAIN, *args], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # in a log (not a terminal) trackio's lines come without colour codes, its closing line once
+    assert "\x1b[" not in proc.stdout and proc.stdout.count("* Run finished") == 1, proc.stdout[-3000:]
     jsonl = read_log(out)
     run_files = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(run_files) == 1

@@ -31,5 +31,8 @@ def test_the_readme_has_python_snippets():
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_readme_snippet_runs_as_pasted(index, after_main_job):
+    """Each snippet as pasted, its output captured (not a terminal): it runs, and no progress bar ("Loading weights
+    0%...100%" around from_pretrained) is printed into a log."""
     proc = run_python(SNIPPETS[index], cwd=str(after_main_job))
     assert proc.returncode == 0
+    assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr[-2000:]

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TRAIN, assert_cli_error, read_log, run_cli, run_train, train_args, train_losses
 from safetensors.torch import load_file
 
+from conftest import ROOT, TRAIN, assert_cli_error, read_log, run_cli, run_train, train_args, train_losses
 from nanogpt_hf.checkpoint import write_manifest
 from nanogpt_hf.config import load_config
 from nanogpt_hf.errors import UserError
@@ -190,7 +190,6 @@ def test_crafted_trainer_state_values_are_one_line(run, tmp_path, capsys, key, v
 def _evil_folder(tmp_path):
     """A char model folder whose tokenizer_config.json names a code file of its own, which leaves a mark if run."""
     from conftest import tiny_model
-
     from nanogpt_hf.model_io import save_model_folder
     from nanogpt_hf.tokenization import char_tokenizer
 

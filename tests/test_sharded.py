@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN, read_log, run_cli, run_train, tiny_model, train_losses
 from safetensors.torch import load_file
 
-from nanogpt_hf.checkpoint import load_optimizer_state, load_tree, save_tree
+from conftest import ROOT, TRAIN, read_log, run_cli, run_train, tiny_model, train_losses
+from nanogpt_hf.checkpoint import load_tree, save_tree
 from nanogpt_hf.config import TrainConfig
 from nanogpt_hf.errors import UserError
-from nanogpt_hf.optim import configure_optimizer
+from nanogpt_hf.optim import configure_optimizer, load_optimizer_state
 
 FSDP = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "accelerate_configs", "fsdp.yaml"),
         "--num_processes", "2"]
@@ -132,7 +132,7 @@ def test_sharded_state_refuses_another_models_parameters(tmp_path):
     optimizers, _ = configure_optimizer(model, TrainConfig())
     model(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
     optimizers[0].step()
-    from nanogpt_hf.checkpoint import optimizer_state
+    from nanogpt_hf.optim import optimizer_state
 
     save_tree(str(tmp_path / "optimizer"), optimizer_state(model, optimizers))
     other = tiny_model(n_layer=3)

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, run_train, tiny_model, train_losses
 
+from conftest import ROOT, run_train, tiny_model, train_losses
 from nanogpt_hf.config import TrainConfig, load_config, model_options
 from nanogpt_hf.optim import Muon, configure_optimizer
 from nanogpt_hf.train import get_lr
@@ -58,8 +58,8 @@ def test_cpu_speedrun_recipe_stays_within_the_parameter_budget():
 
 def test_resuming_with_another_optimizer_is_refused(tmp_path):
     """A Muon run's checkpoint offered to AdamW alone (what --optimizer=adamw on resume would build)."""
-    from nanogpt_hf.checkpoint import load_optimizer_state, optimizer_state
     from nanogpt_hf.errors import UserError
+    from nanogpt_hf.optim import load_optimizer_state, optimizer_state
 
     model = tiny_model()
     muon_state = optimizer_state(model, configure_optimizer(model, TrainConfig(optimizer="muon"))[0])
@@ -100,7 +100,7 @@ def test_bench_speedrun_races_the_classic_recipe_end_to_end():
 
 def test_nanogpt_checkpoint_scores_like_our_model(tmp_path):
     """A nanoGPT ckpt.pt (its dict layout, compiled-model key prefix) loads for the full-pass scoring."""
-    from nanogpt_hf.bench import _nanogpt_checkpoint_model
+    from nanogpt_hf.bench.speedrun import _nanogpt_checkpoint_model
 
     model = tiny_model(bias=False, activation_function="gelu")
     cfg = model.config

@@ -14,8 +14,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 
-from nanogpt_hf.checkpoint import optimizer_state
-from nanogpt_hf.optim import Muon
+from nanogpt_hf.optim import Muon, optimizer_state
 
 WIDTH, DEPTH, STEPS = 256, 4, 3  # Muon's stack
 BIG = 2048  # the checkpoint's: 4 x 16 MB matrices, 128 MB of AdamW state, more than the process's free heap

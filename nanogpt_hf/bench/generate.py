@@ -1,0 +1,166 @@
+"""Batch-1 decoding through every path users call, against GPT2LMHeadModel and this machine's read bandwidth,
+and through nanogpt-serve's endpoint."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from ..hardware import measured_read_bandwidth
+from .common import SHAPES, interleaved, models_of_shape
+
+
+def _tokenizer_for(vocab_size, block_size):
+    """A real tokenizer of the shape's vocabulary, for the pipeline path: GPT-2 BPE, or a character vocabulary."""
+    from ..tokenization import ASSETS, char_tokenizer, gpt2_hf_tokenizer
+
+    if vocab_size > 50000:
+        return gpt2_hf_tokenizer(block_size)
+    text = open(os.path.join(ASSETS, "tinyshakespeare", "input.txt"), encoding="utf-8").read()
+    return char_tokenizer(sorted(set(text))[: vocab_size - 2], model_max_length=block_size)
+
+
+@torch.no_grad()
+def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, warmup=1, repeats=3):
+    """Batch-1 greedy decoding of new_tokens after a prompt_len prompt, through every path users call, against
+    transformers' GPT2LMHeadModel.generate on identical weights (both in GPT-2's form: biases, tanh GELU), interleaved
+    run by run. The fp32 paths, GPT2LMHeadModel's included, must give the same tokens; int8 (nanogpt-sample
+    --quantize int8) is reported beside. Each path's tokens/s is set against the bound of this machine's read
+    bandwidth (measured) over the bytes a token reads."""
+    import copy
+
+    from transformers import pipeline
+
+    from ..quantize import int8_available, quantize_int8
+    from ..sample import sample_tokens
+
+    shape = dict(SHAPES[shape_name], block_size=1024)
+    ours, ref = models_of_shape(shape, device, same_function=True)
+    ours.eval(), ref.eval()
+    tokenizer = _tokenizer_for(shape["vocab_size"], shape["block_size"])
+    prompt = torch.randint(len(tokenizer) - 2, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    text = tokenizer.decode(prompt[0])
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(device)  # the pipeline's prompt, re-encoded
+    # no EOS token: every run makes exactly new_tokens (min_new_tokens would add two full-vocabulary logits
+    # processors per token to the measurement)
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    sampling = dict(kw, do_sample=True, top_k=1)  # the seed API's and nanogpt-sample's work: top-k, softmax, draw
+    pipe_kw = dict(max_new_tokens=new_tokens, do_sample=False, return_tensors=True)
+    pipes = {name: pipeline("text-generation", model=m, tokenizer=tokenizer, device=device) for name, m in
+             (("ours", ours), ("gpt2", ref))}
+
+    def sample_loop():
+        return torch.cat([prompt, *sample_tokens(ours, prompt, new_tokens, top_k=1)], dim=1)
+
+    fns = {
+        "GPT2LMHeadModel generate": lambda: ref.generate(prompt, **kw),
+        "GPT2LMHeadModel generate, sampling top_k=1": lambda: ref.generate(prompt, **sampling),
+        "generate": lambda: ours.generate(prompt, **kw),
+        "GPT2LMHeadModel generate, static cache": lambda: ref.generate(prompt, cache_implementation="static", **kw),
+        "generate, static cache": lambda: ours.generate(prompt, cache_implementation="static", **kw),
+        "seed API generate(idx, n, top_k=1)": lambda: ours.generate(prompt, new_tokens, top_k=1),
+        "nanogpt-sample loop": sample_loop,
+        "GPT2LMHeadModel pipeline": lambda: pipes["gpt2"](text, **pipe_kw),
+        "pipeline": lambda: pipes["ours"](text, **pipe_kw),
+    }
+    if device.type == "cpu" and int8_available():  # nanogpt-sample --quantize int8; quantize_int8(model) elsewhere
+        quantized = quantize_int8(copy.deepcopy(ours))
+        int8_pipe = pipeline("text-generation", model=quantized, tokenizer=tokenizer, device=device)
+        fns["generate, int8 weights"] = lambda: quantized.generate(prompt, **kw)
+        fns["seed API generate, int8 weights"] = lambda: quantized.generate(prompt, new_tokens, top_k=1)
+        fns["nanogpt-sample loop, int8 weights"] = lambda: torch.cat(
+            [prompt, *sample_tokens(quantized, prompt, new_tokens, top_k=1)], dim=1)
+        fns["pipeline, int8 weights"] = lambda: int8_pipe(text, **pipe_kw)
+    tokens = {name: fns[name]() for name in ("generate", "generate, static cache", "seed API generate(idx, n, top_k=1)",
+                                             "nanogpt-sample loop", "GPT2LMHeadModel generate")}
+    same = all(torch.equal(t, tokens["generate"]) for t in tokens.values())
+    pipe_ids = [torch.tensor(fns[n]()[0]["generated_token_ids"]) for n in ("pipeline", "GPT2LMHeadModel pipeline")]
+    if any(len(p) != ids.size(1) + new_tokens for p in pipe_ids):
+        raise RuntimeError("a pipeline stopped before its new tokens")  # tokens/s below assumes every run made them
+    times = interleaved(fns, device, warmup, repeats)
+    tps = {k: new_tokens / statistics.median(v) for k, v in times.items()}
+    def reference(name):  # GPT-2 doing the same work: pipeline, static cache, sampling (seed API, nanogpt-sample)
+        if "pipeline" in name:
+            return tps["GPT2LMHeadModel pipeline"]
+        if "static" in name:
+            return tps["GPT2LMHeadModel generate, static cache"]
+        if "seed API" in name or "nanogpt-sample" in name:
+            return tps["GPT2LMHeadModel generate, sampling top_k=1"]
+        return tps["GPT2LMHeadModel generate"]
+
+    served = _served_tokens_per_s(ours, tokenizer, text, new_tokens, repeats) if device.type == "cpu" else None
+    if served is not None:  # through HTTP, tokenization and transformers' server: beside the in-process figure
+        tps["nanogpt-serve /v1/completions"] = served
+    # what a token reads: every weight once (int8 where quantized) and the keys and values so far (the mean context)
+    kv = 2 * shape["n_layer"] * shape["n_embd"] * 4 * (prompt_len + new_tokens / 2)
+    per_token = {k: (_bytes_read_per_token(quantized) if "int8" in k else _bytes_read_per_token(ours)) + kv for k in tps}
+    bandwidth = measured_read_bandwidth() if device.type == "cpu" else None
+    return {"what": "generate", "shape": shape_name, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1,
+            "tokens_per_s": tps, "vs_GPT2LMHeadModel": {k: tps[k] / reference(k) for k in tps  # the served model
+                                                        if not k.startswith(("GPT2LMHeadModel", "nanogpt-serve"))},
+            "bytes_per_token": per_token, "read_bandwidth": bandwidth,
+            "of_bandwidth_bound": {k: tps[k] * per_token[k] / bandwidth for k in tps} if bandwidth else None,
+            "same_tokens_fp32_paths": same}
+
+
+def _served_tokens_per_s(model, tokenizer, prompt, new_tokens, repeats):
+    """tokens/s of nanogpt-serve's /v1/completions (greedy) for the model, timed from a client on 127.0.0.1 (the
+    best of `repeats` requests after one warm-up), or None where the serving extra is not installed."""
+    import importlib.util
+    import socket
+    import urllib.request
+
+    from ..model_io import save_model_folder
+
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+        return None
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        save_model_folder(model, tokenizer, os.path.join(tmp, "model"))
+        env = {**os.environ, "NANOGPT_HF_CACHE": os.path.join(tmp, "cache")}
+        server = subprocess.Popen([sys.executable, "-m", "nanogpt_hf.serve", os.path.join(tmp, "model"), "--port",
+                                   str(port), "--device", "cpu"], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 180
+            while True:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("nanogpt-serve did not start")
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            (folder,) = os.listdir(os.path.join(tmp, "cache", "serve"))
+            body = json.dumps({"model": os.path.join(tmp, "cache", "serve", folder), "prompt": prompt,
+                               "max_tokens": new_tokens, "temperature": 0}).encode()
+            best = 0.0
+            for _ in range(repeats + 1):
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                t0 = time.perf_counter()
+                with urllib.request.urlopen(request, timeout=600) as response:
+                    made = json.loads(response.read())["usage"]["completion_tokens"]
+                best = max(best, made / (time.perf_counter() - t0))
+            return best
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _bytes_read_per_token(model):
+    """The bytes of weights a batch-1 decoding step reads: every parameter and buffer once, but the embedding tables
+    a step looks one row up in (wte, wpe) unless the same tensor is also the head (tied), which reads it whole."""
+    names = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(t.data_ptr(), (t, []))[1].append(name)
+    lookups = ("wte.weight", "wpe.weight")
+    return sum(t.numel() * t.element_size() for t, tensor_names in names.values()
+               if not all(n.endswith(lookups) for n in tensor_names))
