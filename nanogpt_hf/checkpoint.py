@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .optim import optimizer_state
+from .optim import optimizer_state, whole_tensor
 
 __all__ = ["save_tree", "load_tree", "rng_state", "set_rng_state",
            "write_manifest", "verify_checkpoint", "checkpoint_dirs", "latest_checkpoint", "prune_checkpoints", "fault_point", "sha256_of", "CKPT_PREFIX",
@@ -72,7 +72,7 @@ fault_point.counts = {}
 def _split(obj, tensors, prefix):
     """JSON skeleton of obj; tensors and arrays are moved into `tensors` under their path."""
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
+        tensors[prefix] = obj  # as it is: save_tree copies it to the CPU, stream_tree gathers it first
         return {"__tensor__": prefix}
     if isinstance(obj, np.ndarray):
         tensors[prefix] = torch.from_numpy(np.ascontiguousarray(obj))
@@ -110,9 +110,59 @@ def save_tree(path_stem, obj):
     """Writes obj (nested dicts/lists/tuples of tensors, arrays and JSON values) as STEM.safetensors + STEM.json."""
     tensors = {}
     skeleton = _split(obj, tensors, "t")
-    save_file(tensors, path_stem + ".safetensors")
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, path_stem + ".safetensors")
     with open(path_stem + ".json", "w", encoding="utf-8") as f:
         json.dump(skeleton, f)
+
+
+# safetensors' names of the dtypes a training state holds
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def stream_tree(path_stem, obj, whole, write):
+    """save_tree's files, written one tensor at a time: whole(t) gives each stored tensor whole on the CPU (a gather
+    every rank joins, under FSDP); only where write is true is it written, and freed before the next, so a rank's
+    host memory holds about one tensor, not the whole state. The header comes first, from the shapes alone. A
+    failed write stops the writing, not the gathering (the other ranks are in the same collectives), and is
+    raised at the end."""
+    tensors = {}
+    skeleton = _split(obj, tensors, "t")
+    header, offset = {}, 0
+    for key, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    failed, f = None, None
+    if write:
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data on 8 bytes
+        try:
+            f = open(path_stem + ".safetensors", "wb")
+            f.write(len(raw).to_bytes(8, "little") + raw)
+        except OSError as e:
+            failed = e
+    for t in tensors.values():
+        value = whole(t)
+        if f is not None and failed is None:
+            try:
+                f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            except OSError as e:
+                failed = e
+        del value
+    if f is not None:
+        try:
+            f.close()
+        except OSError as e:
+            failed = failed or e
+    if failed is None and write:
+        try:
+            with open(path_stem + ".json", "w", encoding="utf-8") as out:
+                json.dump(skeleton, out)
+        except OSError as e:
+            failed = e
+    if failed is not None:
+        raise failed
 
 
 def load_tree(path_stem):
@@ -323,8 +373,9 @@ def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run
             return
         raw.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
-        fault_point("checkpoint")  # half-written: weights there, optimizer and manifest not yet
-        save_tree(os.path.join(tmp, "optimizer"), optimizer_whole)
+        fault_point("checkpoint")  # half-written: weights there, the manifest not yet
+        if detach:
+            save_tree(os.path.join(tmp, "optimizer"), optimizer_whole)
         with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
         fault_point("checkpoint_manifest")  # every file written, no manifest yet
@@ -341,7 +392,12 @@ def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run
     if raw.config.tie_word_embeddings:  # FSDP's full state dict holds the tied head as a copy: saved once, like 1 process
         for key in getattr(raw, "_tied_weights_keys", None) or {}:
             state_dict.pop(key, None)
-    optimizer_whole = optimizer_state(raw, optimizers, keep=accelerator.is_main_process)
+    if detach:  # gathered whole on the writing rank: the forked writer cannot join collectives
+        optimizer_whole = optimizer_state(raw, optimizers, keep=accelerator.is_main_process)
+    else:  # streamed to the file tensor by tensor, every rank in each gather, the writing rank alone keeping one
+        together(accelerator, lambda: writing(lambda: stream_tree(
+            os.path.join(tmp, "optimizer"), optimizer_state(raw, optimizers, whole=False),
+            lambda t: whole_tensor(t, keep=accelerator.is_main_process), accelerator.is_main_process)))
     if detach and accelerator.is_main_process:
         state_dict = {k: v.cpu() for k, v in state_dict.items()}  # the child cannot use the GPU (a no-op on a CPU)
 

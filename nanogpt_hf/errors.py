@@ -36,12 +36,35 @@ def cli_main(main):
             return result if args or kwargs else None
         except UserError as e:
             _say(f"error: {e}", e.every_rank)
+            _quiet_launcher()
             sys.exit(2)
         except KeyboardInterrupt:
             _say("interrupted")
             sys.exit(130)
 
     return wrapper
+
+
+def _quiet_launcher():
+    """accelerate launch's one-process launcher turns a worker's non-zero exit into ~20 lines of CalledProcessError
+    traceback after the one `error:` line (accelerate 1.16, `_run_subprocess`); asked to stop (SIGINT), it stops its
+    worker and exits 130 without one. So a worker it started, having said why it stops, asks it to. Multi-process
+    launches (torchrun's agent) are left to report their failed workers as they do."""
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ or "LOCAL_RANK" in os.environ:
+        return  # not accelerate launch's one-process launcher
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            command = f.read().split(b"\0")
+    except OSError:
+        return
+    if not any(b"accelerate" in word for word in command[:3]):
+        return
+    import signal
+
+    sys.stderr.flush()
+    os.kill(parent, signal.SIGINT)
+    time.sleep(5)  # the launcher stops this process as it leaves; a worker still here after that exits as usual
 
 
 def _say(message, every_rank=False):

@@ -14,7 +14,8 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["Muon", "configure_optimizer", "skip_step_if", "NS_DTYPES", "optimizer_state", "load_optimizer_state"]
+__all__ = ["Muon", "configure_optimizer", "skip_step_if", "NS_DTYPES", "get_lr", "set_lr", "optimizer_state",
+           "load_optimizer_state", "whole_tensor"]
 
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -104,6 +105,39 @@ def _orthogonalized(update, index, dtype, newton_schulz):
     return distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)  # own shard, no comms
 
 
+# ------------------------------------------------------------------------------------------ the schedule
+def get_lr(it, cfg):
+    """nanoGPT's learning rate decay scheduler (cosine with linear warmup, floor at min_lr), or warmup-stable-decay
+    (lr_schedule=wsd: the peak until the last cooldown_frac of lr_decay_iters, then linear to min_lr; Hägele et al.
+    2024, the speedrun's schedule). AdamW's rate; Muon's is scaled alongside (see set_lr)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    # 1) linear warmup for warmup_iters steps
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    # 2) if it > lr_decay_iters, return min learning rate
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        # 3) stable at the peak, then linear decay to min_lr over the last cooldown_frac of the iterations
+        cooldown_start = max(cfg.warmup_iters, cfg.lr_decay_iters * (1 - cfg.cooldown_frac))
+        if it < cooldown_start:
+            return cfg.learning_rate
+        coeff = (cfg.lr_decay_iters - it) / max(1, cfg.lr_decay_iters - cooldown_start)  # 1..0
+        return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+    # 3) in between, use cosine decay down to min learning rate
+    decay_ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def set_lr(optimizers, lr):
+    """Every group at the schedule's rate times its lr_scale (Muon's groups: muon_lr / learning_rate)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def configure_optimizer(model, cfg, ns_dtype=torch.float32):
     """nanoGPT's AdamW: weight decay on every 2D+ tensor (matmuls, embeddings), none on biases and LayerNorms.
     optimizer=muon: the blocks' 2-D weights go to Muon instead, at muon_lr; the embeddings, the head, gains and
@@ -143,7 +177,7 @@ def skip_step_if(optimizers, bad):
 # it: lm_head.weight is tied to transformer.wte.weight and stored once), each tensor whole. torch.distributed.
 # checkpoint's get/set_state_dict was tried first: with the tied head, set_state_dict put AdamW's moments on the
 # wrong parameters (weights from h.1 on differed by ~4e-4 after one step), so the mapping is done here.
-def _whole(t, keep):
+def whole_tensor(t, keep):
     """A DTensor shard (FSDP2) gathered from every rank (a collective every rank joins), moved to the CPU where kept;
     other tensors as they are. keep=False (the ranks that do not write): nothing is copied to the host and the
     gathered tensor is freed at once, so such a rank holds one tensor on its device at a time and nothing more."""
@@ -173,17 +207,19 @@ def _unwrapped(optimizers):
     return [getattr(o, "optimizer", o) for o in optimizers]
 
 
-def optimizer_state(model, optimizers, keep=True):
+def optimizer_state(model, optimizers, keep=True, whole=True):
     """{"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}, tensors whole and on the CPU;
     several optimizers (Muon + AdamW) give their groups in order. Under FSDP every rank must call this (the shards
     are gathered, one tensor at a time); ranks with keep=False join the gathers, keep nothing and get None (on an
-    8-GPU node of gpt2-xl, 12.5 GB of host memory once instead of on every rank)."""
+    8-GPU node of gpt2-xl, 12.5 GB of host memory once instead of on every rank). whole=False: the tensors as the
+    optimizer holds them (shards under FSDP), for checkpoint.stream_tree to gather one at a time."""
     names = _param_names(model)
     state, groups = {}, []
     for optimizer in _unwrapped(optimizers):
         for group in optimizer.param_groups:
             for p in group["params"]:
-                values = {k: _whole(v, keep) if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+                values = {k: (whole_tensor(v, keep) if whole else v) if torch.is_tensor(v) else v
+                          for k, v in optimizer.state.get(p, {}).items()}
                 if values and keep:
                     state[names[p]] = values
             groups.append({**{k: v for k, v in group.items() if k != "params"},

@@ -25,13 +25,13 @@ from .errors import UserError, cli_main
 from .hardware import checked_peak, native_bf16, peak_flops
 from .hub import push_after_save
 from .launch import StopSignals, check_launch, finish, launched_world_size, make_accelerator, together
-from .optim import NS_DTYPES, configure_optimizer, skip_step_if
+from .optim import NS_DTYPES, configure_optimizer, get_lr, set_lr, skip_step_if
 from .resolve import build_model, data_dir_of, resolve_run, restore_training_state
 from .run_dir import RunDir
 from .tokenization import tokenizer_signature
 from .tracking import Journal, Progress, forget_ended_trackio_run, init_trackers, plain_output
 
-__all__ = ["main", "train", "get_lr", "prepare", "TrainState"]
+__all__ = ["main", "train", "prepare", "TrainState"]
 
 
 @dataclass
@@ -46,39 +46,6 @@ class TrainState:
     eval_iter: int | None = None  # iteration of the latest evaluation
     tracker_ids: dict = field(default_factory=dict)  # W&B/trackio run ids: a resumed run continues the same run
     data: dict = field(default_factory=dict)  # the data's fingerprint (corpus.data_fingerprint): resume notices a change
-
-
-# ------------------------------------------------------------------------------------------- schedule
-def get_lr(it, cfg):
-    """nanoGPT's learning rate decay scheduler (cosine with linear warmup, floor at min_lr), or warmup-stable-decay
-    (lr_schedule=wsd: the peak until the last cooldown_frac of lr_decay_iters, then linear to min_lr; Hägele et al.
-    2024, the speedrun's schedule). AdamW's rate; Muon's is scaled alongside (see _set_lr)."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    # 1) linear warmup for warmup_iters steps
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    # 2) if it > lr_decay_iters, return min learning rate
-    if it > cfg.lr_decay_iters:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        # 3) stable at the peak, then linear decay to min_lr over the last cooldown_frac of the iterations
-        cooldown_start = max(cfg.warmup_iters, cfg.lr_decay_iters * (1 - cfg.cooldown_frac))
-        if it < cooldown_start:
-            return cfg.learning_rate
-        coeff = (cfg.lr_decay_iters - it) / max(1, cfg.lr_decay_iters - cooldown_start)  # 1..0
-        return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-    # 3) in between, use cosine decay down to min learning rate
-    decay_ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-
-
-def _set_lr(optimizers, lr):
-    """Every group at the schedule's rate times its lr_scale (Muon's groups: muon_lr / learning_rate)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -130,20 +97,7 @@ def train(cfg, sources=None):
     # writable folder (the main process alone touches out_dir)
     tokenizer, model = together(accelerator, lambda: build_model(cfg, ckpt, ckpt_state, log))
 
-    def own_out_dir():
-        if main:
-            run.acquire()
-            run.probe_writable()
-            # a checkpoint holds the weights, AdamW's two moments and a copy for the model folder (fp32)
-            need = 4 * 4 * sum(p.numel() for p in model.parameters())
-            if run.free_bytes() < 2 * need:
-                log(f"warning: {run.free_bytes() / 1e6:.0f} MB free in {cfg.out_dir}, a checkpoint needs about "
-                    f"{need / 1e6:.0f} MB: saves may fail (the run would stop with the previous checkpoint intact)")
-            for line in run.clean_leftovers():
-                log(line)
-            run.repair_model(log)
-
-    together(accelerator, own_out_dir)
+    together(accelerator, lambda: _take_out_dir(run, model, log) if main else None)
     torch.manual_seed(cfg.seed + accelerator.process_index)  # dropout differs per rank, like nanoGPT
 
     gas = cfg.gradient_accumulation_steps // world  # resolve_run made the total a multiple of the process count
@@ -228,7 +182,7 @@ def train(cfg, sources=None):
             return {"iter_num": state.iter_num, "val_loss": losses["val"], "train_loss": losses["train"]}
         while True:
             lr = get_lr(state.iter_num, cfg)
-            _set_lr(optimizers, lr)
+            set_lr(optimizers, lr)
 
             # evaluate the loss on train/val sets and write checkpoints; the last iteration always
             done = state.iter_num >= cfg.max_iters
@@ -238,26 +192,8 @@ def train(cfg, sources=None):
                 break
 
             # forward backward update, with optional gradient accumulation to simulate larger batch size
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for _ in range(gas):
-                fault_point("step")
-                x, y = (t.to(accelerator.device, non_blocking=True) for t in train_source.next_batch())
-                with accelerator.accumulate(model), accelerator.autocast():
-                    loss = step_model(x, shift_labels=y, use_cache=False).loss
-                    accelerator.backward(loss)  # divided by the per-process accumulation inside
-                loss_sum += loss.detach().float()
-            grad_norm = _plain(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-            step_loss = loss_sum / gas
-            # one reduction decides for every rank: a non-finite loss or gradient anywhere skips the step everywhere
-            # (on the device, where the optimizers can: no waiting for the GPU); a stop signal or a failed journal
-            # write anywhere stops every rank. The host reads these flags one step later, when they are long done.
-            flags = _agree(accelerator, step_loss, grad_norm, signals.received, journal.failed)
-            bad = (flags[0] > 0).float()  # 0/1: fused AdamW's found_inf must be exactly 1 to skip
-            if accelerator.scaler is not None or skip_step_if(optimizers, bad) or bad.item() == 0:
-                for optimizer in optimizers:
-                    optimizer.step()  # with fp16 the gradient scaler skips overflowing steps itself
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
+            step_loss, grad_norm, flags = optimizer_step(accelerator, model, step_model, optimizers, train_source, gas,
+                                                         cfg.grad_clip, signals.received, journal.failed)
             # on a GPU the flags are read one step later, when they are long done; on a CPU they are ready now, so a
             # stop signal is acted on at the end of the step it arrived in
             flagged = (state.iter_num, *_to_host(flags))
@@ -268,18 +204,14 @@ def train(cfg, sources=None):
             state.iter_num += 1
             progress.step()
             if (state.iter_num - 1) % cfg.log_interval == 0:
-                lossf = accelerator.reduce(step_loss, reduction="mean").item()
                 if peak and state.iter_num - 1 - (resume_iter or 0) >= 5:  # let the training loop settle a bit
                     peak = checked_peak(peak, flops_per_iter / dt, accelerator.device, peak_dtype, say)
                     if peak:
                         mfu_now = flops_per_iter / dt / peak
                         running_mfu = mfu_now if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu_now
-                mfu = running_mfu if peak else None  # None: not known yet, or no trustworthy peak (unknown GPU)
-                norm = grad_norm.item()
-                skipped = {"skipped": True} if not (math.isfinite(lossf) and math.isfinite(norm)) else {}
-                journal.log({"iter": state.iter_num - 1, "train/loss": lossf, "lr": lr, "grad_norm": norm,
-                             "time_ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "mfu": mfu, **skipped})
-                progress.report(state.iter_num - 1, lossf, lr, dt, mfu)
+                # mfu None: not known yet, or no trustworthy peak (an unknown GPU, a CPU's depressed measurement)
+                log_step(accelerator, journal, progress, state.iter_num - 1, step_loss, grad_norm, lr, dt,
+                         tokens_per_iter, running_mfu if peak else None)
             bad_steps, stop = _act_on(previous, bad_steps, cfg, journal, signals, say, last_good)
             if stop:  # preemption: the step is done; checkpoint it and leave (resume continues bit for bit), the
                 # files written by a process the launcher's kill after its grace cannot cut short
@@ -300,17 +232,10 @@ def train(cfg, sources=None):
         # other ranks wait in the step's all-reduce and would never join one; this process leaves at once, so the
         # launcher stops the others
         alone = world > 1
-        if world > 1 and _is_peer_failure(e):
-            raise UserError(f"another process of this run stopped ({_first_line(e, 160)}): its launcher says which "
-                            f"and why; continue with init_from=auto", every_rank=True) from e
-        if cfg.compile and _is_compile_failure(e):
-            raise UserError(f"torch.compile failed ({type(e).__name__}: {_first_line(e, 200)}): train without it, "
-                            f"--compile=false", every_rank=alone) from e
-        if alone and os.environ.get("NANOGPT_TRACEBACK") != "1":
-            raise UserError(f"rank {accelerator.process_index} stopped the run: {type(e).__name__}: {_first_line(e, 300)}"
-                            f" (NANOGPT_TRACEBACK=1 shows the traceback); continue with init_from=auto",
-                            every_rank=True) from e
-        raise
+        failure = _failure(e, cfg, accelerator.process_index, world)
+        if failure is e:
+            raise
+        raise failure from e
     finally:
         progress.close()
         signals.restore()
@@ -320,6 +245,74 @@ def train(cfg, sources=None):
                 finish(accelerator)
             forget_ended_trackio_run()
         run.release()
+
+
+# ------------------------------------------------------------------------------------------- the loop's steps
+def _take_out_dir(run, model, log):
+    """The main process takes out_dir: its lock, a writable folder with room for a checkpoint (a warning if not),
+    the leftovers of interrupted writes removed, the model folder repaired from the newest checkpoint."""
+    run.acquire()
+    run.probe_writable()
+    # a checkpoint holds the weights, AdamW's two moments and a copy for the model folder (fp32)
+    need = 4 * 4 * sum(p.numel() for p in model.parameters())
+    if run.free_bytes() < 2 * need:
+        log(f"warning: {run.free_bytes() / 1e6:.0f} MB free in {run.path}, a checkpoint needs about {need / 1e6:.0f} "
+            f"MB: saves may fail (the run would stop with the previous checkpoint intact)")
+    for line in run.clean_leftovers():
+        log(line)
+    run.repair_model(log)
+
+
+def optimizer_step(accelerator, model, step_model, optimizers, train_source, gas, grad_clip, stop_signal, journal_failed):
+    """One iteration's forward and backward over gas micro-batches, the clip, and the optimizers' step. Returns
+    (the mean loss, the gradient norm, the flags every rank agreed on), all on the device: the host reads nothing."""
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for _ in range(gas):
+        fault_point("step")
+        x, y = (t.to(accelerator.device, non_blocking=True) for t in train_source.next_batch())
+        with accelerator.accumulate(model), accelerator.autocast():
+            loss = step_model(x, shift_labels=y, use_cache=False).loss
+            accelerator.backward(loss)  # divided by the per-process accumulation inside
+        loss_sum += loss.detach().float()
+    grad_norm = _plain(accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
+    step_loss = loss_sum / gas
+    # one reduction decides for every rank: a non-finite loss or gradient anywhere skips the step everywhere (on the
+    # device, where the optimizers can: no waiting for the GPU); a stop signal or a failed journal write anywhere
+    # stops every rank
+    flags = _agree(accelerator, step_loss, grad_norm, stop_signal, journal_failed)
+    bad = (flags[0] > 0).float()  # 0/1: fused AdamW's found_inf must be exactly 1 to skip
+    if accelerator.scaler is not None or skip_step_if(optimizers, bad) or bad.item() == 0:
+        for optimizer in optimizers:
+            optimizer.step()  # with fp16 the gradient scaler skips overflowing steps itself
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, flags
+
+
+def log_step(accelerator, journal, progress, iter_num, step_loss, grad_norm, lr, dt, tokens_per_iter, mfu):
+    """nanoGPT's log line and the journal's record of an iteration (strict JSON: a skipped step's loss and gradient
+    norm are null, and it says skipped)."""
+    lossf = accelerator.reduce(step_loss, reduction="mean").item()
+    norm = grad_norm.item()
+    skipped = {"skipped": True} if not (math.isfinite(lossf) and math.isfinite(norm)) else {}
+    journal.log({"iter": iter_num, "train/loss": lossf, "lr": lr, "grad_norm": norm, "time_ms": dt * 1000,
+                 "tokens_per_s": tokens_per_iter / dt, "mfu": mfu, **skipped})
+    progress.report(iter_num, lossf, lr, dt, mfu)
+
+
+def _failure(e, cfg, rank, world):
+    """What an exception in the loop becomes: one line every rank prints for a dead peer, a failed compile or an
+    error of this rank alone (its traceback with NANOGPT_TRACEBACK=1), else the exception itself."""
+    if world > 1 and _is_peer_failure(e):
+        return UserError(f"another process of this run stopped ({_first_line(e, 160)}): its launcher says which and "
+                         f"why; continue with init_from=auto", every_rank=True)
+    if cfg.compile and _is_compile_failure(e):
+        return UserError(f"torch.compile failed ({type(e).__name__}: {_first_line(e, 200)}): train without it, "
+                         f"--compile=false", every_rank=world > 1)
+    if world > 1 and os.environ.get("NANOGPT_TRACEBACK") != "1":
+        return UserError(f"rank {rank} stopped the run: {type(e).__name__}: {_first_line(e, 300)} (NANOGPT_TRACEBACK=1 "
+                         f"shows the traceback); continue with init_from=auto", every_rank=True)
+    return e
 
 
 def prepare(accelerator, model, optimizers):

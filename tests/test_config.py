@@ -10,7 +10,7 @@ from conftest import ROOT, assert_cli_error
 from nanogpt_hf.config import TrainConfig, load_config, resumed_config
 from nanogpt_hf.config_yaml import CONFIGS_DIR, resolve_config_path
 from nanogpt_hf.errors import UserError
-from nanogpt_hf.train import get_lr
+from nanogpt_hf.optim import get_lr
 from nanogpt_hf.train import main as train_main
 
 

@@ -106,7 +106,7 @@ def test_sigterm_to_accelerate_launch_completes_a_checkpoint_slower_than_its_gra
     out = tmp_path / "out"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 os.path.join(ROOT, "accelerate_configs", "cpu.yaml")]
-    gpt2_small = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=64", "--batch_size=2", "--eval_iters=1",
+    gpt2_small = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=32", "--batch_size=1", "--eval_iters=1",
                   "--max_iters=1000", "--eval_interval=1000"]
     cmd = [*launcher, TRAIN, *train_args(out, char_data, *gpt2_small)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

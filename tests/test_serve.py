@@ -12,9 +12,9 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_model, train_args
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from conftest import ROOT, run_cli, tiny_model, train_args
 from nanogpt_hf.model_io import load_model_and_tokenizer, save_model_folder
 from nanogpt_hf.tokenization import char_tokenizer, gpt2_hf_tokenizer
 from nanogpt_hf.train import main as train_main
@@ -89,7 +89,6 @@ def test_a_bpe_models_gguf_loads_in_transformers_with_the_same_argmax(tmp_path):
 
 def test_gguf_export_refuses_what_gpt2_cannot_compute_and_never_overwrites(tmp_path, capsys):
     from conftest import assert_cli_error
-
     from nanogpt_hf.export import main as export_main
 
     tok = char_tokenizer(CHARS, model_max_length=32)

@@ -8,8 +8,7 @@ import torch
 
 from conftest import ROOT, run_train, tiny_model, train_losses
 from nanogpt_hf.config import TrainConfig, load_config, model_options
-from nanogpt_hf.optim import Muon, configure_optimizer
-from nanogpt_hf.train import get_lr
+from nanogpt_hf.optim import Muon, configure_optimizer, get_lr
 
 SPEEDRUN = ["--optimizer=muon", "--lr_schedule=wsd", "--position_embedding=rope", "--norm=rmsnorm", "--qk_norm=true",
             "--activation_function=relu2", "--zero_init_residual=true", "--logit_softcap=15", "--tie_word_embeddings=false"]

@@ -1,10 +1,13 @@
 """Run by tests/test_sharded.py under `torchrun --nproc_per_node 2` (gloo, CPU): PyTorch's FSDP2 on stacks of
 matrices, then (1) Muon's step: the collectives it issues, counted with torch's CommDebugMode, and its weights
 against the same steps in one process; (2) a checkpoint's gathering of AdamW's state: the host memory each rank
-keeps, and holds at most, from glibc's allocation counts sampled while it runs. Prints one JSON line per rank."""
+keeps, and holds at most, from glibc's allocation counts sampled while it runs, gathered into memory (a stop
+signal's save) and streamed to a file in the folder given as argv[1] (every other save). Prints one JSON line per
+rank."""
 
 import ctypes
 import json
+import os
 import sys
 import threading
 import time
@@ -14,7 +17,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 
-from nanogpt_hf.optim import Muon, optimizer_state
+from nanogpt_hf.checkpoint import load_tree, stream_tree
+from nanogpt_hf.optim import Muon, optimizer_state, whole_tensor
 
 WIDTH, DEPTH, STEPS = 256, 4, 3  # Muon's stack
 BIG = 2048  # the checkpoint's: 4 x 16 MB matrices, 128 MB of AdamW state, more than the process's free heap
@@ -98,9 +102,19 @@ def main():
     adamw = torch.optim.AdamW(big.parameters())
     train(big, adamw, 1, torch.Generator().manual_seed(3), BIG)
     kept, left, peak = measured(lambda: optimizer_state(big, adamw, keep=rank == 0))
+    # what a checkpoint does: streamed to the file, one gathered tensor at a time (rank 0 writes)
+    stem = os.path.join(sys.argv[1], "optimizer")
+    _, _, stream_peak = measured(lambda: stream_tree(stem, optimizer_state(big, adamw, whole=False),
+                                                     lambda t: whole_tensor(t, keep=rank == 0), rank == 0))
+    same_file = None
+    if rank == 0:  # the streamed file reads back as the gathered state, bit for bit
+        streamed = load_tree(stem)["state"]
+        same_file = streamed.keys() == kept["state"].keys() and all(
+            torch.equal(streamed[n][k], v) for n, values in kept["state"].items() for k, v in values.items())
     print(json.dumps({"rank": rank, "muon_collectives": comms.get_total_counts(), "matrices": DEPTH,
                       "max_difference_vs_one_process": difference, "kept": kept is not None,
-                      "host_bytes_kept": left, "host_bytes_peak": peak,
+                      "host_bytes_kept": left, "host_bytes_peak": peak, "stream_peak": stream_peak,
+                      "streamed_file_equals_gathered_state": same_file,
                       "optimizer_bytes": sum(2 * p.numel() * 4 for p in big.parameters()),  # exp_avg(_sq), fp32
                       "largest_tensor_bytes": BIG * BIG * 4}), flush=True)
     dist.destroy_process_group()
