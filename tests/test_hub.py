@@ -194,7 +194,7 @@ def test_export_writes_a_plain_gpt2_folder(run, tmp_path, capsys):
         assert torch.allclose(plain.eval()(x).logits, ours(x).logits, atol=1e-5)
     with pytest.raises(SystemExit):
         export_main([str(run), str(dest)])  # never overwrites
-    assert "is not empty" in capsys.readouterr().err
+    assert "exists and is not an empty folder" in capsys.readouterr().err
 
 
 def test_a_failed_push_leaves_the_run_intact_and_is_retried_at_the_next_save(tmp_path, char_data):

@@ -128,7 +128,7 @@ def test_eval_on_a_local_dataset_file(char_run, tmp_path):
     assert result["tokens"] == count == len(ids) - 1 and result["loss"] == pytest.approx(ref, abs=1e-5)
 
 
-def test_multiple_choice_in_hellaswag_format(char_run, tmp_path):
+def test_multiple_choice_in_hellaswag_format(char_run, tmp_path, capfd):
     from nanogpt_hf import NanoGPTForCausalLM
 
     folder = tmp_path / "model"
@@ -158,6 +158,9 @@ def test_multiple_choice_in_hellaswag_format(char_run, tmp_path):
     assert result["protocol"] == "llm.c" and [p.get("pred") for p in result["predictions"]] == [1, 0, 2, 0, None]
     assert result["acc"] == pytest.approx(3 / 4) and result["acc_norm"] == pytest.approx(3 / 4)
     assert (result["examples"], result["skipped_too_long"], result["context_cut"]) == (4, 1, 1)
+    captured = capfd.readouterr()
+    assert "of 5 items, 1 left out" in captured.out and "1 scored with their context cut" in captured.out
+    assert "Token indices sequence length" not in captured.err  # the scorer fits the block itself
 
 
 def test_eval_errors(char_run, char_data, tmp_path, capsys):
@@ -184,7 +187,10 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
                     "--repeats", "1", "--warmup", "0", "--new_tokens", "4", "--json", str(out), "--profile", str(trace)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "'what'" not in proc.stderr
+    assert "loss_type" not in proc.stderr  # transformers' warning about GPT2LMHeadModel's loss: the bench names it
     assert "speed-up x" in proc.stdout and "x GPT2LMHeadModel's same path" in proc.stdout
+    # every path against the bandwidth bound, and the served endpoint beside the in-process figures
+    assert "% of bound" in proc.stdout and "nanogpt-serve /v1/completions" in proc.stdout
     results = {r["what"]: r for r in json.load(open(out))}
     train = results["train_step"]
     assert set(train["ms_per_step"]) >= {"nanogpt_hf", "GPT2LMHeadModel"} and all(v > 0 for v in train["ms_per_step"].values())
