@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .tokenization import GPT2_EOT, gpt2_encoding
 
 __all__ = ["dataset_dir", "read_meta", "check_prepared", "content_fingerprint", "data_fingerprint", "read_text", "load_documents",
@@ -146,7 +146,7 @@ def load_documents(dataset=None, files=None, text_column="text", num_proc=None, 
         cause = e.__cause__ or e.__context__
         if files and type(cause).__module__.startswith("pyarrow"):  # a malformed record (a broken JSON line)
             raise UserError(f"{', '.join(files)}: a record cannot be read ({type(cause).__name__}: "
-                            f"{str(cause).strip().splitlines()[0][:200]}); fix or remove it") from e
+                            f"{first_line(cause)}); fix or remove it") from e
         raise
     split = next(iter(ds.values()))
     columns = split.column_names or []

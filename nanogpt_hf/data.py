@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .corpus import load_documents, read_meta, tokenize_batch
-from .errors import UserError
+from .errors import UserError, first_line
 
 __all__ = ["MemmapBatches", "StreamingBatches", "check_bin", "train_batches", "eval_batches"]
 
@@ -115,9 +115,8 @@ class StreamingBatches:
                 if not (isinstance(e, (ValueError, UnicodeDecodeError)) or
                         type(e).__module__.startswith(("pyarrow", "datasets"))):
                     raise
-                detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise UserError(f"{self.source}: a record cannot be read ({type(e).__name__}: {detail}); fix or remove "
-                                f"it") from e
+                raise UserError(f"{self.source}: a record cannot be read ({type(e).__name__}: {first_line(e)}); fix "
+                                f"or remove it") from e
             self.buffer.extend(example["ids"])
             self._dataset_state = copy.deepcopy(self.ds.state_dict())
         row, self.buffer = self.buffer[: self.row], self.buffer[self.row :]

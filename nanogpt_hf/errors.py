@@ -5,7 +5,7 @@ import os
 import sys
 import time
 
-__all__ = ["UserError", "cli_main"]
+__all__ = ["UserError", "cli_main", "first_line"]
 
 
 class UserError(Exception):
@@ -16,6 +16,11 @@ class UserError(Exception):
     def __init__(self, message, every_rank=False):
         super().__init__(message)
         self.every_rank = every_rank
+
+
+def first_line(error, limit=200):
+    """The first line of an exception's message, at most limit characters (a library's error can be pages long)."""
+    return (str(error).strip().splitlines() or [""])[0][:limit]
 
 
 def cli_main(main):

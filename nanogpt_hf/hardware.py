@@ -13,7 +13,8 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["GPU_PEAK_FLOPS", "gpu_peak_flops", "peak_flops", "measured_matmul_flops", "measured_read_bandwidth", "checked_peak", "native_bf16",
+__all__ = ["GPU_PEAK_FLOPS", "gpu_peak_flops", "peak_flops", "measured_matmul_flops", "measured_read_bandwidth",
+           "checked_peak", "native_bf16",
            "keep_freed_memory_mapped", "resolve_device"]
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s, by a word of the name torch

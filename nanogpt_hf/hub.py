@@ -26,10 +26,6 @@ MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "*.
                "log.jsonl", "loss.png"]
 
 
-def _run_state(run):
-    return run.latest_checkpoint(), run.latest_state()
-
-
 def _eval_iteration(state):
     """Which iteration the recorded losses were measured at (a run stopped by a signal saves a later one)."""
     if not state or state.get("eval_iter") is None:
@@ -120,7 +116,8 @@ def push_run(cfg, include_training_state=False, api=None):
 
     api = api or HfApi()
     run = RunDir(cfg.out_dir)
-    ckpt, state = _run_state(run)
+    ckpt = run.latest_checkpoint()
+    state = run.latest_state(ckpt)
     path = os.path.join(cfg.out_dir, "README.md")
     existing = open(path, encoding="utf-8").read() if os.path.isfile(path) else None
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:

@@ -70,16 +70,16 @@ def _load_model(name_or_path, dropout, **overrides):
         return NanoGPTForCausalLM.from_gpt2(name_or_path, dropout=dropout, **overrides)
     if os.path.isdir(name_or_path) and not _is_model_folder(name_or_path):
         raise UserError(f"{name_or_path}: no config.json here, so it is not a model folder (train one, or name gpt2*)")
-    model_config_of(name_or_path)  # a valid config, of a size this machine can build, before anything is built
     model_type = _model_type(name_or_path)
     if model_type == "gpt2":
+        model_config_of(name_or_path)  # a valid config, of a size this machine can build, before anything is built
         return NanoGPTForCausalLM.from_gpt2(name_or_path, dropout=dropout, **overrides)
     if model_type != "nanogpt":
         raise UserError(f"{name_or_path}: model_type {model_type!r} is neither nanogpt nor gpt2")
     kwargs = dict(overrides)
     if dropout is not None:
         kwargs["dropout"] = dropout
-    return from_pretrained_strict(name_or_path, **kwargs)
+    return from_pretrained_strict(name_or_path, **kwargs)  # checks the config (model_config_of) first
 
 
 def from_pretrained_strict(folder, **kwargs):

@@ -252,22 +252,25 @@ class RunDir:
             self.publish_model(ckpt)
 
     # ------------------------------------------------------------------------------------------ summary
-    def latest_state(self):
-        """The newest complete checkpoint's trainer_state.json (iteration, losses and the iteration they were measured
-        at), or None without one or when it is unreadable."""
-        ckpt = self.latest_checkpoint()
+    def latest_state(self, ckpt=None):
+        """The trainer_state.json of ckpt (by default the newest complete checkpoint): iteration, losses and the
+        iteration they were measured at; None without a checkpoint or when it is unreadable."""
+        ckpt = ckpt or self.latest_checkpoint()
+        if ckpt is None:
+            return None
         try:
             with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
                 state = json.load(f)
-        except (TypeError, OSError, ValueError):  # TypeError: no checkpoint
+        except (OSError, ValueError):
             return None
         return state if isinstance(state, dict) and isinstance(state.get("iter_num"), int) else None
 
     def summary(self):
         """One line: which iteration the model folder holds, its val loss, and where the best one is."""
-        ckpt, state = self.latest_checkpoint(), self.latest_state()
+        ckpt = self.latest_checkpoint()
         if ckpt is None:
             return f"{self.path}: no checkpoint yet (the run has not reached its first save)"
+        state = self.latest_state(ckpt)
         if state is None:
             return f"{self.path}: {ckpt}/trainer_state.json is unreadable"
         line = f"model folder {self.path} holds iteration {state['iter_num']}"

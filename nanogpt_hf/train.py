@@ -21,7 +21,7 @@ from .checkpoint import fault_point, save_checkpoint
 from .config import SHAPE_KEYS, load_config
 from .corpus import data_fingerprint
 from .data import eval_batches, train_batches
-from .errors import UserError, cli_main
+from .errors import UserError, cli_main, first_line
 from .hardware import checked_peak, native_bf16, peak_flops
 from .hub import push_after_save
 from .launch import StopSignals, check_launch, finish, launched_world_size, make_accelerator, together
@@ -222,8 +222,8 @@ def train(cfg, sources=None):
                 raise SystemExit(128 + stop)
         together(accelerator, _raise_if(journal.failed))
         progress.close()
-        log(f"done: trained to iteration {state.iter_num}, val loss {state.val_loss:.4f} at iteration {state.eval_iter} "
-            f"(best {state.best_val_loss:.4f}); {run.summary() if main else ''}")
+        log(f"done: trained to iteration {state.iter_num}, val loss {state.val_loss:.4f} at iteration "
+            f"{state.eval_iter} (best {state.best_val_loss:.4f}); {run.summary() if main else ''}")
         return {"iter_num": state.iter_num, "val_loss": state.val_loss, "best_val_loss": state.best_val_loss}
     except Exception as e:
         if isinstance(e, UserError):
@@ -263,7 +263,8 @@ def _take_out_dir(run, model, log):
     run.repair_model(log)
 
 
-def optimizer_step(accelerator, model, step_model, optimizers, train_source, gas, grad_clip, stop_signal, journal_failed):
+def optimizer_step(accelerator, model, step_model, optimizers, train_source, gas, grad_clip, stop_signal,
+                   journal_failed):
     """One iteration's forward and backward over gas micro-batches, the clip, and the optimizers' step. Returns
     (the mean loss, the gradient norm, the flags every rank agreed on), all on the device: the host reads nothing."""
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -304,13 +305,13 @@ def _failure(e, cfg, rank, world):
     """What an exception in the loop becomes: one line every rank prints for a dead peer, a failed compile or an
     error of this rank alone (its traceback with NANOGPT_TRACEBACK=1), else the exception itself."""
     if world > 1 and _is_peer_failure(e):
-        return UserError(f"another process of this run stopped ({_first_line(e, 160)}): its launcher says which and "
+        return UserError(f"another process of this run stopped ({first_line(e, 160)}): its launcher says which and "
                          f"why; continue with init_from=auto", every_rank=True)
     if cfg.compile and _is_compile_failure(e):
-        return UserError(f"torch.compile failed ({type(e).__name__}: {_first_line(e, 200)}): train without it, "
+        return UserError(f"torch.compile failed ({type(e).__name__}: {first_line(e, 200)}): train without it, "
                          f"--compile=false", every_rank=world > 1)
     if world > 1 and os.environ.get("NANOGPT_TRACEBACK") != "1":
-        return UserError(f"rank {rank} stopped the run: {type(e).__name__}: {_first_line(e, 300)} (NANOGPT_TRACEBACK=1 "
+        return UserError(f"rank {rank} stopped the run: {type(e).__name__}: {first_line(e, 300)} (NANOGPT_TRACEBACK=1 "
                          f"shows the traceback); continue with init_from=auto", every_rank=True)
     return e
 
@@ -342,10 +343,6 @@ def _is_compile_failure(e):
     from torch._dynamo.exc import TorchDynamoException
 
     return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
-
-
-def _first_line(e, limit):
-    return (str(e).strip().splitlines() or [""])[0][:limit]
 
 
 def _is_peer_failure(e):

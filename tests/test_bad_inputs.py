@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import TRAIN, assert_cli_error, assert_one_line_error, run_cli, train_args
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import TRAIN, assert_cli_error, assert_one_line_error, run_cli, train_args
 from nanogpt_hf.sample import main as sample_main
 from nanogpt_hf.train import main as train_main
 

@@ -6,10 +6,10 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_python, tiny_model
 from torch.nn import functional as F
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from conftest import ROOT, run_python, tiny_model
 from nanogpt_hf import NanoGPTForCausalLM, NanoGPTModel
 from nanogpt_hf.model_io import save_model_folder
 from nanogpt_hf.tokenization import char_tokenizer, gpt2_hf_tokenizer

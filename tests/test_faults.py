@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN, read_log, run_train, train_args, train_losses
 from safetensors.torch import load_file
 
+from conftest import ROOT, TRAIN, read_log, run_train, train_args, train_losses
 from nanogpt_hf.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -226,7 +226,6 @@ def _umask():
 
 def test_a_model_folder_whose_config_no_longer_matches_its_weights_is_refused(tmp_path, char_data, capsys):
     from conftest import assert_cli_error
-
     from nanogpt_hf.evaluate import main as eval_main
     from nanogpt_hf.export import main as export_main
     from nanogpt_hf.sample import main as sample_main

@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
-from conftest import run_python, tiny_model
 from transformers import AutoModelForCausalLM, pipeline
 
+from conftest import run_python, tiny_model
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.model_io import save_model_folder
 from nanogpt_hf.tokenization import char_tokenizer, gpt2_encoding, gpt2_hf_tokenizer

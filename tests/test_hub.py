@@ -13,9 +13,9 @@ import threading
 
 import pytest
 import torch
-from conftest import TRAIN, read_log, run_cli, train_args, train_losses
 from transformers import AutoModelForCausalLM
 
+from conftest import TRAIN, read_log, run_cli, train_args, train_losses
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.export import main as export_main
 from nanogpt_hf.train import main as train_main

@@ -9,6 +9,7 @@ import os
 import struct
 
 import pytest
+
 from conftest import TRAIN, read_log, run_cli, train_args
 
 pytestmark = pytest.mark.slow  # every test here starts processes (trainers, launchers, CLIs)

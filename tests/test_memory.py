@@ -2,8 +2,8 @@
 the table's parameter counts equal transformers' GPT-2."""
 
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from nanogpt_hf.memory import activation_bytes, format_memory_table, memory_table
 
 

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from conftest import tiny_config, tiny_model
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 
 

@@ -4,8 +4,8 @@ import os
 import re
 
 import pytest
-from conftest import ROOT, run_python, tiny_model
 
+from conftest import ROOT, run_python, tiny_model
 from nanogpt_hf.model_io import save_model_folder
 from nanogpt_hf.tokenization import char_tokenizer
 

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_cli_error, run_cli, tiny_model, train_args
 from torch.nn import functional as F
 from transformers import AutoTokenizer
 
+from conftest import ROOT, assert_cli_error, run_cli, tiny_model, train_args
 from nanogpt_hf.bench import main as bench_main
 from nanogpt_hf.evaluate import main as eval_main
 from nanogpt_hf.model_io import save_model_folder

@@ -4,6 +4,7 @@ import os
 import subprocess
 
 import pytest
+
 from conftest import ROOT, read_log, train_args
 
 pytestmark = pytest.mark.slow

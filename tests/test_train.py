@@ -8,8 +8,9 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN, read_log, run_cli, run_train, train_args, train_losses
 from safetensors.torch import load_file
+
+from conftest import ROOT, TRAIN, read_log, run_cli, run_train, train_args, train_losses
 
 pytestmark = pytest.mark.slow  # every test here starts processes (trainers, launchers, CLIs)
 
