@@ -13,7 +13,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["GPU_PEAK_FLOPS", "gpu_peak_flops", "peak_flops", "measured_matmul_flops", "measured_read_bandwidth",
+__all__ = ["GPU_PEAK_FLOPS", "gpu_peak_flops", "peak_flops", "measured_matmul_flops",
            "checked_peak", "native_bf16",
            "keep_freed_memory_mapped", "resolve_device"]
 
@@ -61,20 +61,6 @@ def measured_matmul_flops(dtype=torch.float32, max_n=2048, budget_s=0.3, repeats
         if n >= max_n or best * 8 * (repeats + 1) > budget_s:  # the next size costs 8x per matmul
             return peak
         n *= 2
-
-
-def measured_read_bandwidth(gib=1.0, repeats=3):
-    """Bytes/s at which this machine streams memory into the cores: the best of `repeats` sums of a gib-GiB fp32
-    tensor on every thread (larger than any CPU cache: the Xeon's L3 is 480 MiB). What decoding at batch 1 is bound
-    by: each new token reads every weight once."""
-    x = torch.ones(int(gib * (1 << 30)) // 4)
-    x.sum()  # warm-up: the pages are touched
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
 
 
 def checked_peak(peak, rate, device, dtype, warn):

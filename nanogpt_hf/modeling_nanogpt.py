@@ -34,6 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_nanogpt import NanoGPTConfig
+from .cpu_decoding import MIN_WEIGHTS, decoding_linear, is_decoding_product
 from .gpt2_conversion import load_gpt2_state_dict, nanogpt_config_from_gpt2, to_gpt2_model
 
 try:  # transformers >= 5: init helpers that skip tensors already loaded by from_pretrained
@@ -128,9 +129,19 @@ def _self_attention(attn, x, cache, attn_mask, rotary, qk_norm, eager):
 def _linear(module, x):
     """A Linear layer's output; a plain nn.Linear without hooks skips the module call (its Python overhead is most
     of a decoding step at small sizes). Anything else - peft's LoRA layers, quantized linears, hooks - is called."""
-    if type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks):
-        return F.linear(x, module.weight, module.bias)
+    if type(module) is nn.Linear and not _hooked(module):
+        weight, bias = module.weight, module.bias
+        # a CPU's decoding step: the weight read on every core (the size first: small layers pay no further test)
+        if weight.numel() >= MIN_WEIGHTS and is_decoding_product(x, weight):
+            return decoding_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
     return module(x)
+
+
+def _hooked(module):
+    """Whether calling the module does more than its forward: torch's hooks, or a forward replaced on the instance
+    (accelerate's device-map and offload hooks wrap `module.forward` that way, without a torch hook)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in module.__dict__
 
 
 class MLP(nn.Module):
@@ -366,8 +377,7 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
 
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for block in self.h
-                       for m in (block, block.ln_1, block.attn, block.ln_2, block.mlp))
+        return not any(_hooked(m) for block in self.h for m in (block, block.ln_1, block.attn, block.ln_2, block.mlp))
 
     def _blocks_fast(self, x, attn_mask, cache, rotary):
         """The blocks without module calls: the same functions in the same order as Block.forward (dropout is the
@@ -463,7 +473,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             x = x[:, -logits_to_keep:, :] if logits_to_keep > 0 else x  # (B, T', n_embd)
         else:
             x = x[:, logits_to_keep, :]
-        logits = self.lm_head(x)  # (B, T', vocab_size)
+        logits = _linear(self.lm_head, x)  # (B, T', vocab_size)
         if self.config.logit_softcap:  # bounded logits (Gemma 2; modded-nanogpt): c * tanh(logits / c)
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
 
@@ -634,44 +644,25 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             rotary = _rotary(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta, x.dtype)
         attn_mask = _attention_mask(None, new.size(1), past, _static_length(cache), x.device)  # a static cache's
         x = _apply_norm(t.ln_f, t._blocks_fast(x, attn_mask, cache, rotary))
-        logits = self._head(x[:, -1, :])  # (B, V)
+        logits = _linear(self.lm_head, x[:, -1, :])  # (B, V)
         if self.config.logit_softcap:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         return logits.float()
 
-    def _head(self, h):
-        """lm_head for the decode step's (B, C) hidden states. On a CPU, a few rows times a (V, C) weight is a GEMV that
-        the BLAS runs on one core, at a third of the memory bandwidth for the head's 77 MB at 50k x 384 (9-14 GB/s on
-        an AMD EPYC, where a 1 GiB read runs at 30-34); the same product against the weight stored (C, V) is a GEMM
-        with a wide N that it spreads over every core, at 27 GB/s. So decoding multiplies by a transposed copy of the
-        weight, made once and again only when the weight changes (its version counter moves with every in-place
-        update: an optimizer step, load_state_dict). The cost: one more copy of the head in memory. Elsewhere (GPUs,
-        LoRA or quantized heads, hooks) the layer itself."""
-        head = self.lm_head
-        if h.device.type != "cpu" or type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
-            return _linear(head, h)
-        w = head.weight
-        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
-        cached = self.__dict__.get("_head_t")
-        if cached is None or cached[0] != key:
-            cached = (key, w.detach().t().contiguous())  # (C, V)
-            self.__dict__["_head_t"] = cached  # not a buffer: never saved, moved or counted as a parameter
-        logits = h @ cached[1]  # (B, C) @ (C, V)
-        return logits if head.bias is None else logits + head.bias
-
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
         """transformers' greedy/sampling loop, run through decode_logits where nothing of the general loop is needed:
-        no padding, a dynamic or static cache, no streamer, scores or other extras, the fast path's conditions. The logits
-        processors, stopping criteria and token bookkeeping are transformers' own, so the tokens are the same; the
-        per-token cost is a third of the general loop's at small sizes (docs/performance.md). Anything else goes to
-        transformers' own loop."""
+        no padding, a dynamic or static cache, no streamer, scores or other extras, the fast path's conditions, no
+        forward that transformers compiles (_compiles_forward). The logits processors, stopping criteria and token
+        bookkeeping are transformers' own, so the tokens are the same; the per-token cost is a third of the general
+        loop's at small sizes (docs/performance.md). Anything else goes to transformers' own loop."""
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         simple = (
             not synced_gpus and streamer is None and not generation_config.return_dict_in_generate
             and model_kwargs.get("attention_mask") is None and model_kwargs.get("inputs_embeds") is None
             and type(cache) in (DynamicCache, StaticCache) and not getattr(generation_config, "is_assistant", False)
             and self.transformer._can_run_fast(False, False)
+            and not self._compiles_forward(input_ids, model_kwargs, generation_config)
         )
         if not simple:
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
@@ -691,6 +682,12 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             unfinished = unfinished & ~stopping_criteria(input_ids, None)
             if unfinished.max() == 0:
                 return input_ids
+
+    def _compiles_forward(self, input_ids, model_kwargs, generation_config):
+        """Whether transformers' loop would run a compiled forward (a static cache on a GPU: CUDA graphs take the
+        per-token launch cost away). On a CPU the eager fast path is faster than the compiled forward (277 vs 195-215
+        tokens/s, 6L/384, docs/performance.md), so decoding there takes it whatever compile_config says."""
+        return input_ids.device.type != "cpu" and self._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     # ---------------------------------------------------------------------------------- GPT-2 checkpoints
     @classmethod

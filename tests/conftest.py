@@ -12,6 +12,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# fp32 rounding between two computations of the same logits (reduction order, kernel choice): ~1e-7 seen
+FP32_RTOL, FP32_ATOL = 1e-5, 1e-5
 
 
 def tiny_config(**overrides):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-from conftest import run_cli, run_python, tiny_model
+from conftest import FP32_ATOL, FP32_RTOL, run_cli, run_python, tiny_model
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.model_io import save_model_folder
 from nanogpt_hf.tokenization import char_tokenizer
@@ -21,8 +21,6 @@ OPTIONS = {
     "untied": dict(tie_word_embeddings=False),
 }
 ALL = {k: v for option in OPTIONS.values() for k, v in option.items()}
-# fp32 rounding between two computations of the same logits (reduction order, kernel choice): ~1e-7 seen
-FP32_RTOL, FP32_ATOL = 1e-5, 1e-5
 CHARS = sorted(set("ROMEO: But soft, what light through yonder window breaks?\n"))
 
 

@@ -35,7 +35,7 @@ def saved_folders(tmp_path_factory):
 def test_saved_folder_is_self_contained(saved_folders):
     files = set(os.listdir(saved_folders / "bpe"))
     assert {"config.json", "model.safetensors", "generation_config.json", "modeling_nanogpt.py",
-            "configuration_nanogpt.py", "gpt2_conversion.py", "tokenizer.json"} <= files
+            "configuration_nanogpt.py", "gpt2_conversion.py", "cpu_decoding.py", "tokenizer.json"} <= files
     config = json.load(open(saved_folders / "bpe" / "config.json"))
     assert config["auto_map"] == {"AutoConfig": "configuration_nanogpt.NanoGPTConfig",
                                   "AutoModel": "modeling_nanogpt.NanoGPTModel",

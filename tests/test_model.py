@@ -313,28 +313,3 @@ def test_gradients_equal_gpt2lmheadmodel(bias, activation):
         ref = theirs[name].grad
         ref = ref.t() if name.endswith(conv1d) else ref
         assert torch.allclose(p.grad, ref, atol=1e-6), name
-
-
-def test_the_decode_heads_transposed_copy_follows_every_change_of_the_weight():
-    """decode_logits multiplies by a (C, V) copy of the head on CPUs (docs/performance.md): after an optimizer step,
-    load_state_dict or an in-place edit, it computes with the new weight, as forward does (within fp32 rounding)."""
-    from transformers.cache_utils import DynamicCache
-
-    model = tiny_model(seed=3).eval()
-    x = torch.randint(0, 96, (2, 7))
-
-    def both():
-        with torch.no_grad():
-            return model.decode_logits(x, DynamicCache(config=model.config)), model(x).logits[:, -1]
-
-    fast, ref = both()
-    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    model(x, labels=x).loss.backward()
-    optimizer.step()  # in place: the weight's version counter moves
-    after, ref_after = both()
-    assert not torch.allclose(after, fast) and torch.allclose(after, ref_after, rtol=1e-5, atol=1e-5)
-    model.load_state_dict(tiny_model(seed=4).state_dict())
-    loaded, ref_loaded = both()
-    assert torch.allclose(loaded, ref_loaded, rtol=1e-5, atol=1e-5) and not torch.allclose(loaded, after)
-    assert "_head_t" not in model.state_dict() and all("_head_t" not in n for n, _ in model.named_buffers())

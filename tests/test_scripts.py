@@ -195,7 +195,10 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
     train = results["train_step"]
     assert set(train["ms_per_step"]) >= {"nanogpt_hf", "GPT2LMHeadModel"} and all(v > 0 for v in train["ms_per_step"].values())
     assert 0 < train["mfu"]["nanogpt_hf"] and results["peak"]["flops"] > 1e9
-    assert results["generate"]["new_tokens"] == 4
+    generate = results["generate"]
+    assert generate["new_tokens"] == 4 and generate["read_bandwidth"] > 1e9  # measured before each run
+    assert set(generate["of_bandwidth_bound"]) == set(generate["tokens_per_s"])
+    assert all(0 < share for share in generate["of_bandwidth_bound"].values())
     assert any(e.get("name", "").startswith("aten::") for e in json.load(open(trace))["traceEvents"])
 
 

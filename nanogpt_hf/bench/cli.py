@@ -54,8 +54,9 @@ def _print(result):
     elif what == "generate":
         bandwidth = result.get("read_bandwidth")
         print(f"generate {result['shape']}, batch 1, {result['new_tokens']} new tokens (tokens/s; MB each token reads; "
-              f"the share of the bound this machine's {bandwidth / 1e9 if bandwidth else float('nan'):.1f} GB/s read "
-              f"bandwidth sets; x GPT2LMHeadModel's same path; fp32 paths give the same tokens: "
+              f"the share of the bound set by this machine's read bandwidth, measured before each run: median "
+              f"{bandwidth / 1e9 if bandwidth else float('nan'):.1f} GB/s; x GPT2LMHeadModel's same path; fp32 paths "
+              f"give the same tokens: "
               f"{result['same_tokens_fp32_paths']})")
         for name, tps in result["tokens_per_s"].items():
             ratio = result["vs_GPT2LMHeadModel"].get(name)
@@ -169,7 +170,7 @@ def main(argv=None):
     if "generate" in whats:
         for shape in (args.shapes or "quickstart,baby").split(","):
             report(bench_generate(device, shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                  warmup=1, repeats=max(1, args.repeats // 2)))
+                                  warmup=1, repeats=max(1, args.repeats // 2), compiled=args.compile))
     if "prepare" in whats:
         report(bench_prepare(args.corpus_mb, args.num_proc))
     if "startup" in whats:

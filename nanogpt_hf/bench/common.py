@@ -77,13 +77,16 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def interleaved(fns, device, warmup, repeats):
-    """{name: [seconds per run]}: every function runs once per round, in turn."""
+def interleaved(fns, device, warmup, repeats, before=None):
+    """{name: [seconds per run]}: every function runs once per round, in turn. With before (a function called just
+    before each timed run, outside its time): {name: [(seconds, what before returned)]}."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(timed(fn, device))
+            ahead = before() if before else None
+            seconds = timed(fn, device)
+            times[name].append((seconds, ahead) if before else seconds)
     return times

@@ -11,8 +11,7 @@ import time
 
 import torch
 
-from ..hardware import measured_read_bandwidth
-from .common import SHAPES, interleaved, models_of_shape
+from .common import SHAPES, interleaved, models_of_shape, timed
 
 
 def _tokenizer_for(vocab_size, block_size):
@@ -26,12 +25,13 @@ def _tokenizer_for(vocab_size, block_size):
 
 
 @torch.no_grad()
-def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, warmup=1, repeats=3):
+def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, warmup=1, repeats=3, compiled=False):
     """Batch-1 greedy decoding of new_tokens after a prompt_len prompt, through every path users call, against
     transformers' GPT2LMHeadModel.generate on identical weights (both in GPT-2's form: biases, tanh GELU), interleaved
     run by run. The fp32 paths, GPT2LMHeadModel's included, must give the same tokens; int8 (nanogpt-sample
     --quantize int8) is reported beside. Each path's tokens/s is set against the bound of this machine's read
-    bandwidth (measured) over the bytes a token reads."""
+    bandwidth, measured just before each run, over the bytes a token reads. compiled: also with transformers'
+    compiled forward (a static cache and a compile_config, as transformers compiles on a GPU by itself)."""
     import copy
 
     from transformers import pipeline
@@ -68,6 +68,14 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
         "GPT2LMHeadModel pipeline": lambda: pipes["gpt2"](text, **pipe_kw),
         "pipeline": lambda: pipes["ours"](text, **pipe_kw),
     }
+    if compiled:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers compiles by itself on GPUs only
+        static_compiled = dict(kw, cache_implementation="static", compile_config=compile_config)
+        fns["GPT2LMHeadModel generate, static cache, compile_config"] = lambda: ref.generate(prompt, **static_compiled)
+        fns["generate, static cache, compile_config"] = lambda: ours.generate(prompt, **static_compiled)
     if device.type == "cpu" and int8_available():  # nanogpt-sample --quantize int8; quantize_int8(model) elsewhere
         quantized = quantize_int8(copy.deepcopy(ours))
         int8_pipe = pipeline("text-generation", model=quantized, tokenizer=tokenizer, device=device)
@@ -76,17 +84,25 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
         fns["nanogpt-sample loop, int8 weights"] = lambda: torch.cat(
             [prompt, *sample_tokens(quantized, prompt, new_tokens, top_k=1)], dim=1)
         fns["pipeline, int8 weights"] = lambda: int8_pipe(text, **pipe_kw)
-    tokens = {name: fns[name]() for name in ("generate", "generate, static cache", "seed API generate(idx, n, top_k=1)",
-                                             "nanogpt-sample loop", "GPT2LMHeadModel generate")}
+    greedy = ("generate", "generate, static cache", "seed API generate(idx, n, top_k=1)", "nanogpt-sample loop",
+              "GPT2LMHeadModel generate", "generate, static cache, compile_config",
+              "GPT2LMHeadModel generate, static cache, compile_config")
+    tokens = {name: fns[name]() for name in greedy if name in fns}
     same = all(torch.equal(t, tokens["generate"]) for t in tokens.values())
     pipe_ids = [torch.tensor(fns[n]()[0]["generated_token_ids"]) for n in ("pipeline", "GPT2LMHeadModel pipeline")]
     if any(len(p) != ids.size(1) + new_tokens for p in pipe_ids):
         raise RuntimeError("a pipeline stopped before its new tokens")  # tokens/s below assumes every run made them
-    times = interleaved(fns, device, warmup, repeats)
+    if device.type == "cpu":  # each run beside the read bandwidth of its moment
+        runs = interleaved(fns, device, warmup, repeats, before=_read_bandwidth_probe())
+        times = {k: [seconds for seconds, _ in v] for k, v in runs.items()}
+    else:
+        times = interleaved(fns, device, warmup, repeats)
     tps = {k: new_tokens / statistics.median(v) for k, v in times.items()}
     def reference(name):  # GPT-2 doing the same work: pipeline, static cache, sampling (seed API, nanogpt-sample)
         if "pipeline" in name:
             return tps["GPT2LMHeadModel pipeline"]
+        if "compile_config" in name:
+            return tps["GPT2LMHeadModel generate, static cache, compile_config"]
         if "static" in name:
             return tps["GPT2LMHeadModel generate, static cache"]
         if "seed API" in name or "nanogpt-sample" in name:
@@ -98,14 +114,26 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
         tps["nanogpt-serve /v1/completions"] = served
     # what a token reads: every weight once (int8 where quantized) and the keys and values so far (the mean context)
     kv = 2 * shape["n_layer"] * shape["n_embd"] * 4 * (prompt_len + new_tokens / 2)
-    per_token = {k: (_bytes_read_per_token(quantized) if "int8" in k else _bytes_read_per_token(ours)) + kv for k in tps}
-    bandwidth = measured_read_bandwidth() if device.type == "cpu" else None
+    per_token = {k: _bytes_read_per_token(quantized if "int8" in k else ours) + kv for k in tps}
+    bandwidth, bound = None, None
+    if device.type == "cpu":  # each run against the bandwidth of its moment; the endpoint against the median
+        bandwidth = statistics.median(bw for v in runs.values() for _, bw in v)
+        bound = {k: statistics.median(new_tokens / seconds * per_token[k] / bw for seconds, bw in runs[k])
+                 if k in runs else tps[k] * per_token[k] / bandwidth for k in tps}
     return {"what": "generate", "shape": shape_name, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1,
             "tokens_per_s": tps, "vs_GPT2LMHeadModel": {k: tps[k] / reference(k) for k in tps  # the served model
                                                         if not k.startswith(("GPT2LMHeadModel", "nanogpt-serve"))},
             "bytes_per_token": per_token, "read_bandwidth": bandwidth,
-            "of_bandwidth_bound": {k: tps[k] * per_token[k] / bandwidth for k in tps} if bandwidth else None,
+            "of_bandwidth_bound": bound,
             "same_tokens_fp32_paths": same}
+
+
+def _read_bandwidth_probe():
+    """A function returning the machine's read bandwidth now, bytes/s: the best of two sums of a 1 GiB tensor on
+    every thread. A shared machine's bandwidth moves with its neighbours' load (42-78 GB/s within minutes on the AMD
+    EPYC of docs/performance.md), so the bench measures it just before each run."""
+    probe = torch.ones((1 << 30) // 4)
+    return lambda: probe.numel() * 4 / min(timed(probe.sum, probe.device) for _ in range(2))
 
 
 def _served_tokens_per_s(model, tokenizer, prompt, new_tokens, repeats):
