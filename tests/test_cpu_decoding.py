@@ -180,3 +180,20 @@ def test_on_a_cpu_generate_decodes_eagerly_whatever_compile_config_says(two_thre
         asked = model.generate(prompt, compile_config=config, **kw)
         assert counters["frames"]["total"] == frames
         assert torch.equal(asked, model.generate(prompt, **kw))
+
+
+def test_a_model_under_accelerates_cpu_offload_decodes(two_threads):
+    """accelerate's cpu_offload leaves the parameters on the meta device and loads them in hooks around each
+    module's forward: decoding calls the hooked modules (it read the meta weights before: 'Tensor on device meta is
+    not on the expected device cpu'), with the tokens and logits of the model before offloading."""
+    from accelerate import cpu_offload
+
+    model = wide_model()
+    x = torch.randint(0, 512, (1, 5))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        tokens, logits = model.generate(x, **kw), model(x).logits
+        cpu_offload(model, execution_device=torch.device("cpu"))
+        assert model.lm_head.weight.device.type == "meta"
+        assert torch.equal(model.generate(x, **kw), tokens)
+        torch.testing.assert_close(model(x).logits, logits, rtol=FP32_RTOL, atol=FP32_ATOL)

@@ -5,11 +5,12 @@ import ast
 import os
 import re
 import shlex
+import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
 from nanogpt_hf.config import load_config
 
 PACKAGE = os.path.join(ROOT, "nanogpt_hf")
@@ -72,8 +73,9 @@ def test_every_readme_command_line_is_valid_as_typed():
     """Trainer lines: the config loads and every value passes its checks (nothing is run); launch files exist;
     the data scripts exist; every flag of a nanogpt-* line is one its --help lists. (The lines themselves run in
     the tests of each tool; the two set-up commands are CI's.)"""
-    helps, checked = {}, 0
-    for line in _readme_command_lines():
+    lines = _readme_command_lines()
+    helps, checked = _tool_helps({shlex.split(line)[0] for line in lines if line.startswith("nanogpt-")}), 0
+    for line in lines:
         words = shlex.split(line)
         args = _trainer_args(words)
         if args is not None:
@@ -87,17 +89,25 @@ def test_every_readme_command_line_is_valid_as_typed():
         elif words[0] == "python" and words[1].endswith("prepare.py"):
             assert os.path.isfile(os.path.join(ROOT, words[1])), line
         elif words[0].startswith("nanogpt-"):
-            tool = words[0]
-            if tool not in helps:
-                proc = run_cli([sys.executable, "-m", f"nanogpt_hf.{_MODULES[tool]}", "--help"])
-                assert proc.returncode == 0, proc.stderr[-1000:]
-                helps[tool] = proc.stdout
             for flag in (w.split("=")[0] for w in words[1:] if w.startswith("--")):
-                assert flag in helps[tool], (line, flag)
+                assert flag in helps[words[0]], (line, flag)
         else:
             raise AssertionError(f"a README command line this test does not know how to check: {line}")
         checked += 1
     assert checked >= 15
+
+
+def _tool_helps(tools):
+    """{tool: its --help text}, each from `python -m nanogpt_hf.<module> --help` in its own process, all at once."""
+    procs = {tool: subprocess.Popen([sys.executable, "-m", f"nanogpt_hf.{_MODULES[tool]}", "--help"], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+             for tool in tools}
+    helps = {}
+    for tool, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-1000:]
+        helps[tool] = out
+    return helps
 
 
 _MODULES = {"nanogpt-sample": "sample", "nanogpt-eval": "evaluate", "nanogpt-plot": "plot", "nanogpt-export": "export",
