@@ -16,6 +16,23 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 FP32_RTOL, FP32_ATOL = 1e-5, 1e-5
 
 
+def assert_greedy_choices(chosen, reference_logits, margin=1e-4):
+    """chosen (...) token ids are greedy choices under reference_logits (..., V): each one's logit within margin of
+    the best. Two computations of the same function round differently on another CPU (~1e-6), which may swap a
+    near-tie and everything decoded after it; a choice further than margin from the best is a real difference."""
+    picked = reference_logits.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+    shortfall = (reference_logits.max(-1).values - picked).max().item()
+    assert shortfall <= margin, f"a choice {shortfall:.2e} below the reference's best"
+
+
+def assert_greedy_sequence(sequence, start, reference):
+    """sequence (B, T): every token from position start on is a greedy choice of the reference model given the
+    tokens before it (teacher forcing: one forward of the reference over the sequence)."""
+    with torch.no_grad():
+        logits = reference(sequence).logits[:, start - 1 : -1]  # the predictions for positions start..T-1
+    assert_greedy_choices(sequence[:, start:], logits)
+
+
 def tiny_config(**overrides):
     from nanogpt_hf import NanoGPTConfig
 
