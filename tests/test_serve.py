@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, assert_greedy_choices, run_cli, tiny_model, train_args
+from conftest import ROOT, assert_greedy_choices, assert_greedy_sequence, run_cli, tiny_model, train_args
 from nanogpt_hf.model_io import load_model_and_tokenizer, save_model_folder
 from nanogpt_hf.tokenization import char_tokenizer, gpt2_hf_tokenizer
 from nanogpt_hf.train import main as train_main
@@ -129,6 +129,15 @@ def runs(tmp_path_factory, char_data, bpe_data):
     return root
 
 
+def assert_greedy_text(served, expected, model, tok, prompt):
+    """The served completion is greedy generate's text; where it is not (the exported GPT2LMHeadModel is another
+    computation, and a near-tie may swap on another CPU), each of its tokens is a greedy choice of our model within
+    assert_greedy_choices' margin."""
+    if served != expected:
+        prompt_ids = tok(prompt).input_ids
+        assert_greedy_sequence(torch.tensor([tok(prompt + served).input_ids]), len(prompt_ids), model)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_nanogpt_serve_answers_completions_as_greedy_generate_does(runs, tmp_path, kind):
@@ -154,9 +163,10 @@ def test_nanogpt_serve_answers_completions_as_greedy_generate_does(runs, tmp_pat
         (folder,) = os.listdir(tmp_path / "cache" / "serve")  # the export, keyed by the weights
         body = {"model": str(tmp_path / "cache" / "serve" / folder), "prompt": prompt, "max_tokens": 12,
                 "temperature": 0}
-        assert _post(port, body) == expected
+        assert_greedy_text(_post(port, body), expected, ours, tok, prompt)
         streamed, chunks = _post(port, {**body, "stream": True}, stream=True)
-        assert streamed == expected and chunks >= 2
+        assert_greedy_text(streamed, expected, ours, tok, prompt)
+        assert chunks >= 2
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
     finally:
