@@ -52,9 +52,6 @@ class RunDir:
     def latest_checkpoint(self):
         return latest_checkpoint(self.checkpoints)
 
-    def has_model(self):
-        return os.path.isfile(os.path.join(self.path, "config.json"))
-
     # ----------------------------------------------------------------------------------------- ownership
     def acquire(self):
         """Creates the folder and takes its lock for the life of this process; a second trainer gets one line."""
