@@ -68,8 +68,26 @@ def _quiet_launcher():
     import signal
 
     sys.stderr.flush()
+    _wait_until_relayed(sys.stderr.fileno())
     os.kill(parent, signal.SIGINT)
     time.sleep(5)  # the launcher stops this process as it leaves; a worker still here after that exits as usual
+
+
+def _wait_until_relayed(fd, timeout=2.0):
+    """accelerate 1.16's launcher reads its worker's stderr from a pipe and writes it on: a SIGINT between its read
+    and its write loses the chunk (the `error:` line), so wait until the pipe is empty, then a moment for the write.
+    Where stderr is not a pipe (older launchers pass it through) there is nothing to wait for."""
+    import fcntl
+    import stat
+    import struct
+    import termios
+
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]:
+        time.sleep(0.01)
+    time.sleep(0.2)
 
 
 def _say(message, every_rank=False):

@@ -74,3 +74,29 @@ def test_a_hung_gpu_proof_step_is_stopped_with_one_line(tmp_path):
     with pytest.raises(UserError, match=r"did not finish in 1 s \(hung\?\); its last output: waiting"):
         _checked([sys.executable, "-c", "import sys, time; print('waiting', file=sys.stderr, flush=True); "
                                         "time.sleep(30)"], str(tmp_path), timeout=1)
+
+
+def test_a_refusal_waits_until_the_launcher_has_read_its_line(tmp_path):
+    """accelerate 1.16's one-process launcher relays its worker's stderr through a pipe; a worker that says `error:`
+    and at once asks the launcher to stop lost the line whenever the signal fell between the launcher's read and its
+    write (11 of 12 launches of a worker that signals right after writing; once in a suite run). Before signalling,
+    errors._quiet_launcher waits until the pipe is read empty (and a moment for the write); on a file, not at all."""
+    import os
+    import threading
+
+    from nanogpt_hf.errors import _wait_until_relayed
+
+    r, w = os.pipe()
+    os.write(w, b"error: the line\n")
+    read_at = []
+    reader = threading.Timer(0.5, lambda: (os.read(r, 64), read_at.append(time.monotonic())))
+    reader.start()
+    _wait_until_relayed(w)
+    returned_at = time.monotonic()
+    reader.join()
+    assert read_at and returned_at >= read_at[0] + 0.1  # after the read, with the moment for the write
+    with open(tmp_path / "log", "w") as f:  # stderr a file (older launchers pass it through): nothing to wait for
+        t0 = time.monotonic()
+        _wait_until_relayed(f.fileno())
+        assert time.monotonic() - t0 < 0.1
+    os.close(r), os.close(w)
