@@ -36,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_nanogpt import NanoGPTConfig
 from .cpu_decoding import MIN_WEIGHTS, decoding_linear, is_decoding_product
 from .gpt2_conversion import load_gpt2_state_dict, nanogpt_config_from_gpt2, to_gpt2_model
+from .kv_cache import append_keys_values
 
 try:  # transformers >= 5: init helpers that skip tensors already loaded by from_pretrained
     from transformers import initialization as init
@@ -111,7 +112,7 @@ def _self_attention(attn, x, cache, attn_mask, rotary, qk_norm, eager):
         q, k = _rotate(q, *rotary), _rotate(k, *rotary)
     if cache is not None:
         # the cache returns all keys/values seen so far: (B, nh, S, hs), S = past + T (a static cache: its size)
-        k, v = cache.update(k, v, attn.layer_idx)
+        k, v = append_keys_values(cache, k, v, attn.layer_idx, attn.config.block_size)
     # Without a mask, a causal mask is only needed when the queries start at the first key; a single
     # new query (cached decoding) sees every key.
     is_causal = attn_mask is None and T > 1
