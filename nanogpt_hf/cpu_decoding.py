@@ -3,7 +3,7 @@
 Decoding multiplies a few rows (one per sequence) by every weight matrix: a matrix-vector product bound by reading
 the weight from memory once per token. MKL runs F.linear's GEMV on one core: 15-21 GB/s on the 2-core AMD EPYC of
 docs/performance.md, whose memory streams at 45-75 GB/s. The same product as a batched GEMM over row blocks of the
-weight, one block per thread, reads at the memory's speed (47-52 GB/s for a 50k x 384 head there): torch.bmm hands
+weight, two blocks per thread, reads at the memory's speed (55-72 GB/s for a 50k x 384 head there): torch.bmm hands
 same-layout batch items to MKL's strided batched GEMM, which runs the items in parallel, each a GEMV over contiguous
 rows. No copy of the weight: the blocks are a view of it.
 
@@ -20,6 +20,9 @@ MAX_ROWS = 4  # at 8 rows and more MKL's own GEMM is as fast (measured: 50k x 38
 # Below 128k weights (512 KB) the ~10 us of the extra calls cost more than the read saves (a 384 x 128 matrix: 5 us
 # by F.linear from the cache, 13 us in blocks); from 384 x 384 up the blocks read faster (24 vs 45 us from memory)
 MIN_WEIGHTS = 1 << 17
+# Two blocks a thread read 3-8% faster than one (the head: 70-72 against 66-70 GB/s; the blocks' matrices 66-68
+# against 62-64, the AMD EPYC of docs/performance.md, natively and held to AVX2 alike); four a thread, no faster
+BLOCKS_PER_THREAD = 2
 _MKL = torch.backends.mkl.is_available()  # without MKL, torch.bmm multiplies the blocks one after the other
 
 
@@ -38,27 +41,33 @@ def decoding_linear(x, weight, bias):
 
 
 def _row_blocks_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias), the weight split into one block of rows per thread and the blocks multiplied in
-    parallel. The same sums as F.linear's in another order: the same numbers up to fp32 rounding."""
+    """F.linear(x, weight, bias), the weight split into blocks of rows, two a thread, and the blocks multiplied in
+    parallel. The same sums as F.linear's in another order: the same numbers up to fp32 rounding. Every tensor but
+    the output is a view, and the common case (one row, rows that split evenly) is four calls: this runs ~25 times
+    per decoded token, so each call saved is ~1 us a product (measured: 0.16 ms a token at 6L/384)."""
     N, K = weight.shape
-    splits = min(torch.get_num_threads(), N // 32)
-    if splits < 2 or not weight.is_contiguous():
+    threads = torch.get_num_threads()
+    splits = min(BLOCKS_PER_THREAD * threads, N // 32)
+    if threads < 2 or splits < 2 or not weight.is_contiguous():
         return F.linear(x, weight, bias)
+    x = x.contiguous()
     rows = x.numel() // K
     whole = N - N % splits  # the rows that split evenly; a vocabulary like GPT-2's 50257 leaves a few
-    # x as a (K, rows) transposed view: MKL streams the weight against a transposed right-hand side (strides
-    # (0, 1, K)); the same numbers stored (K, rows) contiguous take a path that reads at a fifth of the speed
-    xt = x.reshape(rows, K).t()  # (K, rows)
-    blocks = weight[:whole].view(splits, whole // splits, K)  # (splits, N / splits, K), a view
+    # x as (splits, K, rows) with strides (0, 1, K): each block's right-hand side is x transposed, which MKL streams
+    # the weight against; the same numbers stored (K, rows) contiguous take a path that reads at a fifth of the speed
+    xt = x.as_strided((splits, K, rows), (0, 1, K))
+    blocks = (weight if whole == N else weight[:whole]).view(splits, whole // splits, K)  # (splits, N / splits, K)
     if bias is None:
-        y = torch.bmm(blocks, xt.expand(splits, K, rows))  # (splits, N / splits, rows)
+        y = torch.bmm(blocks, xt)  # (splits, N / splits, rows)
     else:
-        y = torch.baddbmm(bias[:whole].view(splits, -1, 1), blocks, xt.expand(splits, K, rows))
+        y = torch.baddbmm((bias if whole == N else bias[:whole]).view(splits, -1, 1), blocks, xt)
+    if whole == N and rows == 1:
+        return y.view(*x.shape[:-1], N)  # (..., N): one row, already in order
     y = y.view(whole, rows)
     if whole < N:
-        rest = F.linear(xt.t(), weight[whole:], None if bias is None else bias[whole:])  # (rows, N - whole)
+        rest = F.linear(x.view(rows, K), weight[whole:], None if bias is None else bias[whole:])  # (rows, N - whole)
         y = torch.cat((y, rest.t()))  # (N, rows)
-    return y.t().contiguous().view(*x.shape[:-1], N)  # (..., N); one row: already contiguous, no copy
+    return y.t().contiguous().view(*x.shape[:-1], N)  # (..., N)
 
 
 def _register_op():

@@ -43,6 +43,16 @@ def test_row_blocks_give_f_linears_numbers(two_threads, N, rows, with_bias):
     torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
+def test_row_blocks_of_rows_that_are_not_contiguous(two_threads):
+    """The head's input at a batch's prefill: the last position of each sequence, (B, C) rows T * C apart."""
+    weight, bias, hidden = torch.randn(1536, 384) * 0.02, torch.randn(1536), torch.randn(3, 5, 384)
+    x = hidden[:, -1, :]
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(decoding_linear(x, weight, bias), F.linear(x, weight, bias),
+                                   rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
 def test_which_products_take_the_row_blocks(two_threads):
     big, small = torch.randn(1152, 384), torch.randn(384, 128)
     assert big.numel() >= MIN_WEIGHTS > small.numel()
