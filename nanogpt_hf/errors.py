@@ -2,6 +2,7 @@
 
 import functools
 import os
+import signal
 import sys
 import time
 
@@ -40,8 +41,10 @@ def cli_main(main):
             result = main(*args, **kwargs)
             return result if args or kwargs else None
         except UserError as e:
+            launcher = _accelerate_launcher()
             _say(f"error: {e}", e.every_rank)
-            _quiet_launcher()
+            if launcher is not None and os.environ.get("LOCAL_RANK", "0") == "0":
+                _stop_quietly(launcher)
             sys.exit(2)
         except KeyboardInterrupt:
             _say("interrupted")
@@ -50,31 +53,36 @@ def cli_main(main):
     return wrapper
 
 
-def _quiet_launcher():
-    """accelerate launch's one-process launcher turns a worker's non-zero exit into ~20 lines of CalledProcessError
-    traceback after the one `error:` line (accelerate 1.16, `_run_subprocess`); asked to stop (SIGINT), it stops its
-    worker and exits 130 without one. So a worker it started, having said why it stops, asks it to. Multi-process
-    launches (torchrun's agent) are left to report their failed workers as they do."""
-    if "ACCELERATE_MIXED_PRECISION" not in os.environ or "LOCAL_RANK" in os.environ:
-        return  # not accelerate launch's one-process launcher
+def _accelerate_launcher():
+    """The pid of the `accelerate launch` that started this process, or None (python, plain torchrun, a notebook).
+
+    Left alone, it turns a worker's exit on a user mistake into a traceback after the one `error:` line: ~20 lines
+    of CalledProcessError from its one-process launcher, ~60 of ChildFailedError from the torchrun agent it runs in
+    its own process for several (accelerate 1.16). Asked to stop with SIGTERM, either stops its workers with SIGTERM
+    (what the agent sends them after a failure anyway; a worker still importing dies without a word) and exits 143
+    without one; the agent logs a line per worker. Plain torchrun is left to report its failed workers: it prints a
+    traceback for a signal too, and may be set to restart them."""
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return None
     parent = os.getppid()
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as f:
             command = f.read().split(b"\0")
     except OSError:
-        return
-    if not any(b"accelerate" in word for word in command[:3]):
-        return
-    import signal
+        return None
+    return parent if any(b"accelerate" in word for word in command[:3]) else None
 
+
+def _stop_quietly(launcher):
+    """Asks the launcher to stop (from one worker per node: local rank 0), once the `error:` line has reached it."""
     sys.stderr.flush()
     _wait_until_relayed(sys.stderr.fileno())
-    os.kill(parent, signal.SIGINT)
+    os.kill(launcher, signal.SIGTERM)
     time.sleep(5)  # the launcher stops this process as it leaves; a worker still here after that exits as usual
 
 
 def _wait_until_relayed(fd, timeout=2.0):
-    """accelerate 1.16's launcher reads its worker's stderr from a pipe and writes it on: a SIGINT between its read
+    """accelerate 1.16's launcher reads its worker's stderr from a pipe and writes it on: a signal between its read
     and its write loses the chunk (the `error:` line), so wait until the pipe is empty, then a moment for the write.
     Where stderr is not a pipe (older launchers pass it through) there is nothing to wait for."""
     import fcntl

@@ -80,7 +80,7 @@ def test_a_refusal_waits_until_the_launcher_has_read_its_line(tmp_path):
     """accelerate 1.16's one-process launcher relays its worker's stderr through a pipe; a worker that says `error:`
     and at once asks the launcher to stop lost the line whenever the signal fell between the launcher's read and its
     write (11 of 12 launches of a worker that signals right after writing; once in a suite run). Before signalling,
-    errors._quiet_launcher waits until the pipe is read empty (and a moment for the write); on a file, not at all."""
+    errors._stop_quietly waits until the pipe is read empty (and a moment for the write); on a file, not at all."""
     import os
     import threading
 

@@ -70,6 +70,7 @@ def test_bare_accelerate_launch_uses_the_accelerate_config_default(tmp_path, cha
     assert "nanogpt_hf/" not in multi.stderr and not (tmp_path / "multi-out").exists()
     # the one line is all: Accelerate's one-process launcher, asked to stop, prints no CalledProcessError traceback
     assert "Traceback" not in multi.stderr and multi.stderr.strip().splitlines()[-1] == errors[0], multi.stderr
+    assert multi.returncode == 143
 
 
 @pytest.mark.slow
@@ -83,6 +84,9 @@ def test_gpu_launch_files_stop_with_one_line_without_gpus(name, tmp_path, char_d
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "is for GPUs" in lines[0] and "--device=cpu" in lines[0], proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()
+    # the launcher's torchrun agent, asked to stop, prints no ChildFailedError traceback (only a line per worker)
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
+    assert proc.returncode == 143  # stopped with SIGTERM, as the agent stops workers after a failure
 
 
 @pytest.mark.slow

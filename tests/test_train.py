@@ -221,7 +221,8 @@ def test_a_mistake_every_rank_meets_is_one_line_from_the_trainer(tmp_path, char_
     output = proc.stdout + proc.stderr
     assert [ln for ln in output.splitlines() if ln.startswith("error: ")] == [
         "error: dataset folder data/nosuch does not exist: run its prepare.py first (python data/nosuch/prepare.py)"]
-    assert "nanogpt_hf/" not in output  # no traceback from the workers (the launcher reports their exit codes)
+    assert "nanogpt_hf/" not in output  # no traceback from the workers
+    assert "Traceback" not in output and proc.returncode == 143, output  # nor the launcher's: asked to stop, it stops
 
 
 def test_a_compiled_run_writes_checkpoints_that_load_and_resume(tmp_path, char_data):
