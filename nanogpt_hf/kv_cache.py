@@ -45,7 +45,7 @@ def _growable_layer(cache, key, layer_idx):
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or layer_idx >= len(cache.layers):
         return None
     layer = cache.layers[layer_idx]
-    if type(layer) is not DynamicLayer or not layer.is_initialized:
+    if type(layer) is not DynamicLayer or not getattr(layer, "is_initialized", False):
         layer.__dict__.pop(_ROOM, None)  # reset: its buffers are not needed any more
         return None
     keys = layer.keys
