@@ -145,3 +145,16 @@ def test_beam_search_and_the_general_loop_equal_theirs_with_torch_cat(mode, with
         assert all(torch.equal(a, b) for a, b in zip(ours.scores, theirs.scores))
         ours, theirs = ours.sequences, theirs.sequences
     assert ours.shape == (2, 54) and torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("assist", ["prompt_lookup", "assistant_model"])
+def test_assisted_decoding_equals_theirs_with_torch_cat(assist, with_cat):
+    """Assisted decoding crops the cache after every rejected guess: the crop's views are copied, not written over."""
+    model = tiny_model(seed=4, block_size=64)
+    x = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(2))
+    x = torch.cat([x, x], dim=1)  # a repeated prompt: prompt lookup finds candidates
+    helper = dict(prompt_lookup_num_tokens=4) if assist == "prompt_lookup" else dict(
+        assistant_model=tiny_model(seed=5, block_size=64))
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, **helper)
+    ours, theirs = model.generate(x, **kw), with_cat(lambda: model.generate(x, **kw))
+    assert ours.shape == (1, 54) and torch.equal(ours, theirs)
