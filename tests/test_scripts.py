@@ -199,6 +199,12 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
     assert generate["new_tokens"] == 4 and generate["read_bandwidth"] > 1e9  # measured before each run
     assert set(generate["of_bandwidth_bound"]) == set(generate["tokens_per_s"])
     assert all(0 < share for share in generate["of_bandwidth_bound"].values())
+    # the sampling paths again without torch.multinomial's draw, timed in the same run
+    assert set(generate["of_bandwidth_bound_without_draw"]) == {
+        "GPT2LMHeadModel generate, sampling top_k=1", "seed API generate(idx, n, top_k=1)", "nanogpt-sample loop",
+        *(k for k in generate["tokens_per_s"] if "int8" in k and ("seed API" in k or "nanogpt-sample" in k))}
+    assert all(generate["of_bandwidth_bound"][k] < share for k, share in generate["of_bandwidth_bound_without_draw"].items())
+    assert generate["draw_seconds_per_token"] > 0 and "without the draw" in proc.stdout
     assert any(e.get("name", "").startswith("aten::") for e in json.load(open(trace))["traceEvents"])
 
 

@@ -61,8 +61,13 @@ def _print(result):
         for name, tps in result["tokens_per_s"].items():
             ratio = result["vs_GPT2LMHeadModel"].get(name)
             share = (result.get("of_bandwidth_bound") or {}).get(name)
+            without_draw = (result.get("of_bandwidth_bound_without_draw") or {}).get(name)
             print(f"  {name:<42} {tps:8.0f} tok/s {result['bytes_per_token'][name] / 1e6:7.1f} MB"
-                  + (f" {share * 100:5.1f}% of bound" if share else "") + (f"   x{ratio:.2f}" if ratio else ""))
+                  + (f" {share * 100:5.1f}% of bound" if share else "") + (f"   x{ratio:.2f}" if ratio else "")
+                  + (f"   {without_draw * 100:.1f}% without the draw" if without_draw else ""))
+        if result.get("draw_seconds_per_token"):
+            print(f"  (the draw: torch.multinomial over {result['vocab_size']:,} probabilities, "
+                  f"{result['draw_seconds_per_token'] * 1e3:.2f} ms a token, paid by every sampling path)")
     elif what == "prepare":
         print(f"prepare {result['corpus_mb']:.0f} MB, num_proc {result['num_proc']} | {result['seconds']:.1f} s, "
               f"{result['end_to_end_mb_per_s']:.1f} MB/s end to end, tokenizer {result['tokenize_mb_per_s']:.1f} MB/s | "

@@ -115,17 +115,35 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
     # what a token reads: every weight once (int8 where quantized) and the keys and values so far (the mean context)
     kv = 2 * shape["n_layer"] * shape["n_embd"] * 4 * (prompt_len + new_tokens / 2)
     per_token = {k: _bytes_read_per_token(quantized if "int8" in k else ours) + kv for k in tps}
-    bandwidth, bound = None, None
+    bandwidth, bound, draw, bound_without_draw = None, None, None, None
     if device.type == "cpu":  # each run against the bandwidth of its moment; the endpoint against the median
         bandwidth = statistics.median(bw for v in runs.values() for _, bw in v)
         bound = {k: statistics.median(new_tokens / seconds * per_token[k] / bw for seconds, bw in runs[k])
                  if k in runs else tps[k] * per_token[k] / bandwidth for k in tps}
+        # the sampling paths draw with torch.multinomial, an exponential per vocabulary entry (the same samples as
+        # nanoGPT for a seed): their share again with that draw's time taken out of each token
+        draw = _draw_seconds(shape["vocab_size"], device)
+        bound_without_draw = {k: statistics.median(per_token[k] / bw / max(seconds / new_tokens - draw, 1e-9)
+                                                   for seconds, bw in runs[k]) for k in runs if _samples(k)}
     return {"what": "generate", "shape": shape_name, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1,
+            "vocab_size": shape["vocab_size"],
             "tokens_per_s": tps, "vs_GPT2LMHeadModel": {k: tps[k] / reference(k) for k in tps  # the served model
                                                         if not k.startswith(("GPT2LMHeadModel", "nanogpt-serve"))},
             "bytes_per_token": per_token, "read_bandwidth": bandwidth,
-            "of_bandwidth_bound": bound,
+            "of_bandwidth_bound": bound, "draw_seconds_per_token": draw,
+            "of_bandwidth_bound_without_draw": bound_without_draw,
             "same_tokens_fp32_paths": same}
+
+
+def _samples(name):
+    """Whether the path draws its tokens with torch.multinomial (top_k=1: the same tokens as greedy)."""
+    return "sampling" in name or "seed API" in name or "nanogpt-sample" in name
+
+
+def _draw_seconds(vocab_size, device, repeats=20):
+    """The median time of one torch.multinomial draw from a vocabulary's probabilities (batch 1)."""
+    probs = torch.softmax(torch.randn(1, vocab_size, generator=torch.Generator().manual_seed(0)), -1).to(device)
+    return statistics.median(timed(lambda: torch.multinomial(probs, 1), device) for _ in range(repeats))
 
 
 def _read_bandwidth_probe():
