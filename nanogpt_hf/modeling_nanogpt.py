@@ -653,13 +653,13 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
         """transformers' greedy/sampling loop, run through decode_logits where nothing of the general loop is needed:
-        no padding, a dynamic or static cache, no streamer, scores or other extras, the fast path's conditions, no
-        forward that transformers compiles (_compiles_forward). The logits processors, stopping criteria and token
-        bookkeeping are transformers' own, so the tokens are the same; the per-token cost is a third of the general
+        no padding, a dynamic or static cache, no scores or other extras, the fast path's conditions, no forward that
+        transformers compiles (_compiles_forward). The logits processors, stopping criteria, token bookkeeping and
+        streamer calls are transformers' own, so the tokens are the same; the per-token cost is a third of the general
         loop's at small sizes (docs/performance.md). Anything else goes to transformers' own loop."""
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         simple = (
-            not synced_gpus and streamer is None and not generation_config.return_dict_in_generate
+            not synced_gpus and not generation_config.return_dict_in_generate
             and model_kwargs.get("attention_mask") is None and model_kwargs.get("inputs_embeds") is None
             and type(cache) in (DynamicCache, StaticCache) and not getattr(generation_config, "is_assistant", False)
             and self.transformer._can_run_fast(False, False)
@@ -681,7 +681,11 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
                 next_tokens = next_tokens * unfinished + pad.to(input_ids.device) * (1 - unfinished)
             input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
             unfinished = unfinished & ~stopping_criteria(input_ids, None)
+            if streamer is not None:  # as transformers' loop: each step's tokens (generate() put the prompt), then end
+                streamer.put(next_tokens.cpu())
             if unfinished.max() == 0:
+                if streamer is not None:
+                    streamer.end()
                 return input_ids
 
     def _compiles_forward(self, input_ids, model_kwargs, generation_config):

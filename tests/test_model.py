@@ -188,6 +188,55 @@ def test_generate_takes_the_fast_loop_with_transformers_tokens(sampling):
     handle.remove()
 
 
+
+def test_a_streamer_gets_transformers_calls_from_the_fast_loop():
+    """generate(streamer=...) (TextStreamer, TextIteratorStreamer) decodes in our loop too: the streamer gets what
+    transformers' own loop hands it (the prompt, then each step's tokens with pad after an end-of-text, then end()),
+    and a TextIteratorStreamer read in another thread yields the text of the returned tokens."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+    from transformers.generation.streamers import BaseStreamer
+
+    from nanogpt_hf.tokenization import char_tokenizer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(value.clone())
+
+        def end(self):
+            self.calls.append("end")
+
+    model = tiny_model(seed=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(20) if p.dim() == 2 else None  # varied continuations, and some stop at eos
+    steps = []
+    model.decode_logits = lambda *a, _f=model.decode_logits: steps.append(1) or _f(*a)
+    x = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=30, eos_token_id=7, pad_token_id=0, attention_mask=torch.ones_like(x), do_sample=False)
+    fast, general = Recorder(), Recorder()
+    out = model.generate(x, streamer=fast, **kw)
+    assert len(steps) == out.size(1) - x.size(1)  # every step through the fast loop
+    steps.clear()
+    reference = model.generate(x, streamer=general, return_dict_in_generate=True, **kw).sequences  # transformers' loop
+    assert not steps and torch.equal(out, reference)
+    assert len(fast.calls) == len(general.calls) == out.size(1) - x.size(1) + 2 and fast.calls[-1] == "end"
+    for ours, theirs in zip(fast.calls[:-1], general.calls[:-1]):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    assert torch.equal(torch.cat([fast.calls[0][0], *fast.calls[1:-1]]), out[0])
+
+    tokenizer = char_tokenizer([chr(c) for c in range(32, 126)], model_max_length=32)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    thread = threading.Thread(target=model.generate, args=(x,), kwargs=dict(streamer=streamer, **kw))
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    assert text == tokenizer.decode(out[0, x.size(1):])
+
 def test_int8_weights_stay_close_and_generate():
     from nanogpt_hf.quantize import Int8Linear, quantize_int8
 
