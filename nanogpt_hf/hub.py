@@ -18,6 +18,7 @@ from .config_yaml import read_yaml
 from .errors import UserError, cli_main
 from .fileio import atomic_path
 from .run_dir import RunDir
+from .sources import cache_only_if_hub_unreachable
 
 __all__ = ["model_card", "push_run", "push_after_save", "download_training_state", "MODEL_FILES", "main"]
 
@@ -154,7 +155,8 @@ def download_training_state(repo_id):
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(repo_id, allow_patterns=["checkpoints/*"])
+        with cache_only_if_hub_unreachable(repo_id):
+            folder = snapshot_download(repo_id, allow_patterns=["checkpoints/*"])
     except Exception as e:  # offline and not cached, unknown repo, no access: one answer for the user
         raise UserError(f"resume_from={repo_id}: cannot get its training state from the Hub ({type(e).__name__}); "
                         f"check the id, your access and the network") from e

@@ -12,7 +12,7 @@ import tempfile
 from safetensors import SafetensorError
 
 from .errors import UserError
-from .sources import fetch_file, read_json
+from .sources import OFFLINE_MISSES, cache_only_if_hub_unreachable, fetch_file, offline_miss, read_json
 
 __all__ = ["GPT2_NAMES", "is_gpt2_name", "save_model_folder", "load_model", "load_model_and_tokenizer",
            "from_pretrained_strict", "model_config_of", "enable_activation_checkpointing"]
@@ -55,9 +55,12 @@ def _is_model_folder(path):
 def load_model(name_or_path, dropout=None, **overrides):
     """A NanoGPTForCausalLM from: gpt2* (OpenAI), a folder or hub id holding a NanoGPT or GPT-2 model."""
     try:
-        return _load_model(name_or_path, dropout, **overrides)
+        with cache_only_if_hub_unreachable(name_or_path):
+            return _load_model(name_or_path, dropout, **overrides)
     except UserError:
         raise
+    except OFFLINE_MISSES() as e:
+        raise offline_miss(name_or_path) from e
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, KeyError, SafetensorError) as e:
         # unreadable or corrupt weights (a truncated safetensors, a pickle where weights belong): no traceback
         raise UserError(f"{name_or_path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
@@ -145,7 +148,8 @@ def model_config_of(name_or_path):
     if is_gpt2_name(name_or_path):  # OpenAI's four: nanoGPT's table (vocab 50257, context 1024, biases, tanh GELU)
         preset = GPT2_PRESETS[name_or_path.removeprefix("openai-community/")]
         return nanogpt_config_from_gpt2({**preset, "vocab_size": 50257, "n_positions": 1024})
-    raw = _raw_config(name_or_path)
+    with cache_only_if_hub_unreachable(name_or_path):
+        raw = _raw_config(name_or_path)
     try:
         if raw.get("model_type") == "gpt2":
             config = nanogpt_config_from_gpt2(raw)

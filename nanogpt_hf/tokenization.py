@@ -138,9 +138,16 @@ def load_tokenizer(folder, trust_remote_code=False):
     """The tokenizer saved in a model or data folder (BPE or char), with a clear error where there is none. Code
     the folder names runs only with trust_remote_code=True: our own folders need none (stock classes, and the 0.1
     char tokenizer is this package's class)."""
-    from transformers import AutoTokenizer
-
     import nanogpt_hf  # noqa: F401  registers our classes, so our folders load without their copied code
+
+    from .sources import cache_only_if_hub_unreachable
+
+    with cache_only_if_hub_unreachable(folder):
+        return _load_tokenizer(folder, trust_remote_code)
+
+
+def _load_tokenizer(folder, trust_remote_code):
+    from transformers import AutoTokenizer
 
     code = tokenizer_code(folder)
     if code and not trust_remote_code:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import TRAIN, read_log, run_cli, train_args, train_losses
+from conftest import TRAIN, assert_one_line_error, read_log, run_cli, train_args, train_losses
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.export import main as export_main
 from nanogpt_hf.train import main as train_main
@@ -182,6 +182,33 @@ def test_resume_from_a_hub_id_through_the_offline_cache(run, tmp_path, char_data
                                                      "--resume_from=me/not-there")], env=env)
     assert missing.returncode == 2 and "cannot get its training state" in missing.stderr.splitlines()[-1]
 
+
+
+def test_a_cached_model_loads_at_once_where_the_hub_cannot_be_reached(run, tmp_path):
+    """A compute node without a network and with the model in its Hugging Face cache (HF_HUB_OFFLINE not set):
+    huggingface_hub alone retries every file's request (2 min 45 s before the first sample, measured); the load
+    notes the unreachable Hub and reads the cache. A model not cached is one line at once, gpt2 included."""
+    cache = tmp_path / "hub_cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--me--baby-gpt" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(run):
+        if os.path.isfile(run / name):
+            shutil.copy(run / name, snapshot / name)
+    (cache / "models--me--baby-gpt" / "refs").mkdir()
+    (cache / "models--me--baby-gpt" / "refs" / "main").write_text(commit)
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(cache)}  # nothing listens
+    sample = [sys.executable, "-m", "nanogpt_hf.sample", "--num_samples", "1", "--max_new_tokens", "5", "--init_from"]
+    proc = run_cli([*sample, "me/baby-gpt"], env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("note: the Hub (http://127.0.0.1:9) cannot be reached: me/baby-gpt from the local cache "
+                             "only") == 1, proc.stderr
+    reference = run_cli([*sample, str(run)], timeout=60)
+    assert proc.stdout == reference.stdout  # the same model, the same seed: the same sample
+    for name in ("me/not-there", "gpt2"):
+        missing = run_cli([*sample, name], env=env, timeout=60)
+        assert_one_line_error(missing, f"{name}: not in the local Hugging Face cache ({cache}), and the Hub cannot "
+                                       f"be reached from here")
 
 def test_export_writes_a_plain_gpt2_folder(run, tmp_path, capsys):
     dest = tmp_path / "gpt2"
