@@ -12,7 +12,7 @@ import tempfile
 from safetensors import SafetensorError
 
 from .errors import UserError
-from .sources import OFFLINE_MISSES, cache_only_if_hub_unreachable, fetch_file, offline_miss, read_json
+from .sources import cache_only_if_hub_unreachable, fetch_file, offline_errors, offline_miss, read_json
 
 __all__ = ["GPT2_NAMES", "is_gpt2_name", "save_model_folder", "load_model", "load_model_and_tokenizer",
            "from_pretrained_strict", "model_config_of", "enable_activation_checkpointing"]
@@ -59,7 +59,7 @@ def load_model(name_or_path, dropout=None, **overrides):
             return _load_model(name_or_path, dropout, **overrides)
     except UserError:
         raise
-    except OFFLINE_MISSES() as e:
+    except offline_errors() as e:
         raise offline_miss(name_or_path) from e
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, KeyError, SafetensorError) as e:
         # unreadable or corrupt weights (a truncated safetensors, a pickle where weights belong): no traceback

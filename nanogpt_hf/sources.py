@@ -10,7 +10,7 @@ import sys
 
 from .errors import UserError
 
-__all__ = ["looks_like_hub_id", "fetch_file", "read_json", "cache_only_if_hub_unreachable", "OFFLINE_MISSES",
+__all__ = ["looks_like_hub_id", "fetch_file", "read_json", "cache_only_if_hub_unreachable", "offline_errors",
            "offline_miss"]
 
 
@@ -31,7 +31,7 @@ def fetch_file(name_or_path, filename, required=True):
 
     try:
         return hf_hub_download(name_or_path, filename)
-    except OFFLINE_MISSES() as e:  # before EntryNotFoundError, a base of LocalEntryNotFoundError
+    except offline_errors() as e:  # before EntryNotFoundError, a base of LocalEntryNotFoundError
         raise offline_miss(name_or_path) from e
     except EntryNotFoundError:
         if not required:
@@ -50,8 +50,9 @@ def read_json(path):
         raise UserError(f"{path}: unreadable ({e})") from e
 
 
-def OFFLINE_MISSES():  # noqa: N802  (an exception tuple, imported late: huggingface_hub is slow to import)
-    """huggingface_hub's errors for a file neither in the local cache nor downloadable (no network, offline mode)."""
+def offline_errors():
+    """huggingface_hub's errors for a file neither in the local cache nor downloadable (no network, offline mode),
+    as a tuple for `except` (imported when needed: huggingface_hub is slow to import)."""
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     return LocalEntryNotFoundError, OfflineModeIsEnabled
