@@ -8,7 +8,7 @@ import os
 from .errors import UserError, cli_main
 from .fileio import check_writable_place
 from .model_io import load_model_and_tokenizer
-from .tokenization import char_tokenizer, char_vocabulary
+from .tokenization import portable_tokenizer
 
 __all__ = ["main", "export_gpt2"]
 
@@ -23,10 +23,7 @@ def export_gpt2(source, dest):
     except ValueError as e:
         raise UserError(f"{source}: cannot export to GPT-2: {e}") from e
     gpt2.save_pretrained(dest, safe_serialization=True)
-    chars = char_vocabulary(tokenizer)
-    if chars is not None:  # a folder of nanogpt-hf 0.1 has the hand-written char tokenizer: export the stock one
-        tokenizer = char_tokenizer(list(chars), model_max_length=model.config.block_size)
-    tokenizer.save_pretrained(dest)
+    portable_tokenizer(tokenizer, model.config.block_size).save_pretrained(dest)
     return dest
 
 

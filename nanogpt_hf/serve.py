@@ -1,23 +1,36 @@
 """nanogpt-serve OUT_DIR: the run's model as an OpenAI-compatible endpoint (/v1/completions, streaming too), served
-by transformers' own server (`transformers serve`), not one of ours.
+by transformers' own server (`transformers serve`), not one of ours, and decoded by this package's model.
 
-transformers' server builds models from classes inside transformers, so a nanogpt-hf folder (remote code) cannot
-be served as it is: the model is exported once to a plain GPT2LMHeadModel folder (nanogpt-export), kept in a cache
-keyed by the sha256 of its weights, and served from there with its tokenizer (char or GPT-2 BPE). A model with
-options GPT-2 cannot compute (rotary positions, RMSNorm, ...) is refused in one line. A base model has no chat
-template: use /v1/completions (chat completions answer 400). SIGTERM stops the server (this process becomes it).
+transformers' server builds a model from a class inside transformers when the config names an architecture
+(`getattr(transformers, "NanoGPTForCausalLM")` fails), and from 5.25 on loads a config that names none through
+AutoModelForCausalLM, which runs the model code saved beside the weights under --trust-remote-code. So the model is
+written once to a served folder: this package's model code (save_pretrained copies it), a config naming no
+architecture, and a tokenizer of transformers' own classes (char or GPT-2 BPE), kept in a cache keyed by the
+weights and the code. The server is pinned to that folder (it refuses requests for any other model), so the code
+it trusts is this package's. Decoding takes the model's fast path (2.4x GPT2LMHeadModel's tokens/s on a CPU,
+docs/serving.md), and every model option serves (rotary positions, RMSNorm, ...). A base model has no chat template:
+use /v1/completions (chat completions answer 400). SIGTERM stops the server (this process becomes it).
 """
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
+import socket
 import sys
+import time
+import urllib.request
 
 from .errors import UserError, cli_main
-from .export import export_gpt2
+from .model_io import load_model_and_tokenizer, save_model_folder
+from .tokenization import portable_tokenizer
 
-__all__ = ["main", "served_folder", "cache_root"]
+__all__ = ["main", "served_folder", "cache_root", "free_port", "wait_until_serving"]
+
+# transformers serve loads a config without `architectures` through AutoModelForCausalLM from 5.25 on (5.24 looks
+# up config.architectures[0] inside transformers whatever the config says)
+MIN_TRANSFORMERS = (5, 25)
 
 
 def cache_root():
@@ -26,30 +39,42 @@ def cache_root():
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "nanogpt-hf")
 
 
-def _weights_digest(folder):
-    path = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(path):
+def _model_code_files():
+    """The files save_pretrained copies beside the weights: the modeling module and its relative imports."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from . import modeling_nanogpt
+
+    return [modeling_nanogpt.__file__, *sorted(get_relative_import_files(modeling_nanogpt.__file__))]
+
+
+def _digest(folder):
+    """sha256 of the folder's weights and of the model code a served folder carries: a new version of either is a
+    new served folder."""
+    weights = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(weights):
         raise UserError(f"{folder}: no model.safetensors here: serve a training run's out_dir or a model folder")
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in (weights, *_model_code_files()):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:20]
 
 
 def served_folder(source):
-    """The GPT2LMHeadModel folder of source's model, exported once per version of its weights."""
+    """The folder transformers' server loads source's model from, written once per version of weights and code."""
     if not os.path.isdir(source):
         raise UserError(f"{source}: no such folder (nanogpt-serve takes a training run's out_dir or a model folder)")
-    folder = os.path.join(cache_root(), "serve", _weights_digest(source))
+    folder = os.path.join(cache_root(), "serve", _digest(source))
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        export_gpt2(source, tmp)
-        os.replace(tmp, folder)  # complete, or not there: another server may be exporting the same weights
+        _write_served_folder(source, tmp)
+        os.replace(tmp, folder)  # complete, or not there: another server may be writing the same one
     except OSError:
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise
@@ -58,16 +83,59 @@ def served_folder(source):
     return folder
 
 
-def _check_serving_installed():
+def _write_served_folder(source, dest):
+    model, tokenizer = load_model_and_tokenizer(source)
+    save_model_folder(model, portable_tokenizer(tokenizer, model.config.block_size), dest)
+    # no architecture named: the server then loads AutoModelForCausalLM, which follows the config's auto_map to the
+    # code saved here, instead of looking NanoGPTForCausalLM up inside transformers
+    path = os.path.join(dest, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.pop("architectures", None)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _check_serving_installed(transformers_version=None):
     missing = [m for m in ("fastapi", "uvicorn") if not _importable(m)]
     if missing:
         raise UserError(f"serving needs {', '.join(missing)}: pip install 'nanogpt-hf[serving]' (transformers[serving])")
+    from packaging.version import Version
+
+    if transformers_version is None:
+        import transformers
+
+        transformers_version = transformers.__version__
+    if Version(transformers_version).release < MIN_TRANSFORMERS:
+        raise UserError(f"nanogpt-serve needs transformers>=5.25, whose server runs a model's own code (this is "
+                        f"{transformers_version}): pip install -U 'nanogpt-hf[serving]'")
 
 
 def _importable(module):
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now, for a server started next (the bench's, the tests')."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(port, process, timeout=180):
+    """Returns once the server on 127.0.0.1:port answers /health; RuntimeError if its process ends first or the
+    timeout passes (a model loads in seconds to minutes)."""
+    deadline = time.time() + timeout
+    while True:
+        if process.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the server on port {port} did not start")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
 
 
 @cli_main
@@ -82,10 +150,11 @@ def main(argv=None):
         raise UserError(f"--port {args.port}: a port is 1-65535")
     _check_serving_installed()
     folder = served_folder(args.out_dir)
-    print(f"serving {args.out_dir} as GPT2LMHeadModel ({folder}) at http://{args.host}:{args.port}/v1: POST "
-          f"/v1/completions with \"model\": {folder!r} (a base model: no chat template)", flush=True)
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", folder, "--host", args.host,
-           "--port", str(args.port), "--device", args.device]
+    print(f"serving {args.out_dir} ({folder}) at http://{args.host}:{args.port}/v1: POST /v1/completions with "
+          f"\"model\": {folder!r} (a base model: no chat template)", flush=True)
+    # pinned to the folder: --trust-remote-code runs its code (this package's), and the server loads no other model
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", folder, "--trust-remote-code",
+           "--host", args.host, "--port", str(args.port), "--device", args.device]
     os.execv(sys.executable, cmd)  # this process becomes the server: SIGTERM and Ctrl-C reach it directly
 
 

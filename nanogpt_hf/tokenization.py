@@ -11,7 +11,8 @@ import os
 from .errors import UserError
 
 __all__ = ["GPT2_EOT", "CHAR_PAD", "CHAR_EOT", "gpt2_files", "gpt2_encoding", "gpt2_hf_tokenizer", "char_tokenizer",
-           "char_vocabulary", "encode_text", "load_tokenizer", "tokenizer_code", "tokenizer_signature", "meta_signature", "check_same_vocabulary"]
+           "char_vocabulary", "portable_tokenizer", "encode_text", "load_tokenizer", "tokenizer_code",
+           "tokenizer_signature", "meta_signature", "check_same_vocabulary"]
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 GPT2_EOT = 50256  # <|endoftext|>
@@ -88,6 +89,13 @@ def char_tokenizer(chars, model_max_length=None):
     kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=CHAR_PAD, eos_token=CHAR_EOT,
                                    padding_side="left", clean_up_tokenization_spaces=False, **kwargs)
+
+
+def portable_tokenizer(tokenizer, model_max_length):
+    """The tokenizer as transformers loads it without this package (exports, the served folder): a char tokenizer,
+    nanogpt-hf 0.1's hand-written class included, rebuilt as the stock one; any other as it is."""
+    chars = char_vocabulary(tokenizer)
+    return tokenizer if chars is None else char_tokenizer(list(chars), model_max_length=model_max_length)
 
 
 def char_vocabulary(tokenizer):

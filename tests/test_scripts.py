@@ -189,8 +189,10 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
     assert "'what'" not in proc.stderr
     assert "loss_type" not in proc.stderr  # transformers' warning about GPT2LMHeadModel's loss: the bench names it
     assert "speed-up x" in proc.stdout and "x GPT2LMHeadModel's same path" in proc.stdout
-    # every path against the bandwidth bound, and the served endpoint beside the in-process figures
+    # every path against the bandwidth bound, and the served endpoint beside the in-process figures, set against
+    # GPT2LMHeadModel through the same server
     assert "% of bound" in proc.stdout and "nanogpt-serve /v1/completions" in proc.stdout
+    assert "GPT2LMHeadModel transformers serve" in proc.stdout
     results = {r["what"]: r for r in json.load(open(out))}
     train = results["train_step"]
     assert set(train["ms_per_step"]) >= {"nanogpt_hf", "GPT2LMHeadModel"} and all(v > 0 for v in train["ms_per_step"].values())
@@ -198,6 +200,7 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
     generate = results["generate"]
     assert generate["new_tokens"] == 4 and generate["read_bandwidth"] > 1e9  # measured before each run
     assert set(generate["of_bandwidth_bound"]) == set(generate["tokens_per_s"])
+    assert generate["vs_GPT2LMHeadModel"]["nanogpt-serve /v1/completions"] > 0
     assert all(0 < share for share in generate["of_bandwidth_bound"].values())
     # the sampling paths again without torch.multinomial's draw, timed in the same run
     assert set(generate["of_bandwidth_bound_without_draw"]) == {

@@ -1,20 +1,32 @@
 """Serve and ship: the GGUF file (read back by transformers' own GGUF loader, an independent reader of ggml's format)
-and nanogpt-serve (transformers' own server, asked with plain HTTP on 127.0.0.1)."""
+and nanogpt-serve (transformers' own server, asked with plain HTTP on 127.0.0.1; its folder, loaded as the server
+loads it in an interpreter without this package)."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
+import urllib.error
 import urllib.request
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, assert_greedy_choices, assert_greedy_sequence, run_cli, tiny_model, train_args
+from conftest import (
+    FP32_ATOL,
+    FP32_RTOL,
+    ROOT,
+    assert_cli_error,
+    assert_greedy_choices,
+    assert_greedy_sequence,
+    run_python,
+    tiny_model,
+    train_args,
+)
+from nanogpt_hf import serve
+from nanogpt_hf.errors import UserError
 from nanogpt_hf.model_io import load_model_and_tokenizer, save_model_folder
 from nanogpt_hf.tokenization import char_tokenizer, gpt2_hf_tokenizer
 from nanogpt_hf.train import main as train_main
@@ -103,12 +115,6 @@ def test_gguf_export_refuses_what_gpt2_cannot_compute_and_never_overwrites(tmp_p
 
 
 # ------------------------------------------------------------------------------------------ nanogpt-serve
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port, body, stream=False):
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -121,29 +127,39 @@ def _post(port, body, stream=False):
     return "".join(c["choices"][0]["text"] for c in chunks), len(chunks)
 
 
+def rope_rmsnorm_folder(folder):
+    """A model folder whose model GPT-2 cannot compute (RMSNorm, rotary positions, no biases), char vocabulary."""
+    tok = char_tokenizer(CHARS, model_max_length=32)
+    model = tiny_model(vocab_size=len(tok), norm="rmsnorm", position_embedding="rope", bias=False)
+    save_model_folder(decisive(model), tok, str(folder))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, char_data, bpe_data):
     root = tmp_path_factory.mktemp("serve")
     for name, data in (("char", char_data), ("bpe", bpe_data)):
         train_main(train_args(root / name, data, "--max_iters=20", "--eval_interval=20", "--eval_iters=2"))
+    rope_rmsnorm_folder(root / "rope")
     return root
 
 
 def assert_greedy_text(served, expected, model, tok, prompt):
-    """The served completion is greedy generate's text; where it is not (the exported GPT2LMHeadModel is another
-    computation, and a near-tie may swap on another CPU), each of its tokens is a greedy choice of our model within
-    assert_greedy_choices' margin."""
+    """The served completion is greedy generate's text; where it is not (the server's generate call, with an
+    attention mask, is another computation of the logits, and a near-tie may swap on another CPU), each of its
+    tokens is a greedy choice of our model within assert_greedy_choices' margin."""
     if served != expected:
         prompt_ids = tok(prompt).input_ids
         assert_greedy_sequence(torch.tensor([tok(prompt + served).input_ids]), len(prompt_ids), model)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("kind", ["char", "bpe", "rope"])
 def test_nanogpt_serve_answers_completions_as_greedy_generate_does(runs, tmp_path, kind):
-    """A freshly trained run, served through transformers' server: /v1/completions at temperature 0 returns the
-    text greedy generate makes, streamed or not; SIGTERM stops the server."""
-    out, port = runs / kind, _free_port()
+    """A freshly trained run (char, BPE) or a model GPT-2 cannot compute (rope), served through transformers'
+    server: /v1/completions at temperature 0 returns the text greedy generate makes, streamed or not; a request
+    for another model is refused (the server is pinned to the folder whose code it trusts); SIGTERM stops it."""
+    out, port = runs / kind, serve.free_port()
     ours, tok = load_model_and_tokenizer(str(out))
     prompt = "ROMEO:"
     ids = torch.tensor([tok(prompt).input_ids])
@@ -152,21 +168,21 @@ def test_nanogpt_serve_answers_completions_as_greedy_generate_does(runs, tmp_pat
     server = subprocess.Popen([sys.executable, "-m", "nanogpt_hf.serve", str(out), "--port", str(port)], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            assert server.poll() is None and time.time() < deadline, server.stdout.read()[-3000:] if server.poll() else ""
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        (folder,) = os.listdir(tmp_path / "cache" / "serve")  # the export, keyed by the weights
+        try:
+            serve.wait_until_serving(port, server, timeout=120)
+        except RuntimeError:
+            server.kill()
+            raise AssertionError(server.stdout.read()[-3000:]) from None
+        (folder,) = os.listdir(tmp_path / "cache" / "serve")  # the served folder, keyed by the weights and code
         body = {"model": str(tmp_path / "cache" / "serve" / folder), "prompt": prompt, "max_tokens": 12,
                 "temperature": 0}
         assert_greedy_text(_post(port, body), expected, ours, tok, prompt)
         streamed, chunks = _post(port, {**body, "stream": True}, stream=True)
         assert_greedy_text(streamed, expected, ours, tok, prompt)
         assert chunks >= 2
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _post(port, {**body, "model": str(runs / kind)})
+        assert refused.value.code // 100 == 4 and "pinned" in refused.value.read().decode()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
     finally:
@@ -175,10 +191,47 @@ def test_nanogpt_serve_answers_completions_as_greedy_generate_does(runs, tmp_pat
     assert server.returncode is not None
 
 
-def test_nanogpt_serve_refuses_a_model_gpt2_cannot_compute(tmp_path):
-    tok = char_tokenizer(CHARS, model_max_length=32)
-    save_model_folder(tiny_model(vocab_size=len(tok), norm="rmsnorm"), tok, str(tmp_path / "m"))
-    proc = run_cli([sys.executable, "-m", "nanogpt_hf.serve", str(tmp_path / "m")],
-                   env={"NANOGPT_HF_CACHE": str(tmp_path / "cache")})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "norm='rmsnorm'" in proc.stderr
+@pytest.mark.slow
+def test_the_served_folder_loads_as_transformers_server_loads_it_without_this_package(tmp_path, monkeypatch):
+    """nanogpt-serve's folder names no architecture and carries this package's model code and a stock tokenizer, so
+    AutoModelForCausalLM under trust_remote_code (what transformers' server runs for such a config) builds our model
+    in an interpreter that cannot import nanogpt_hf, for a model GPT-2 cannot compute too, with our logits. It is
+    written once per version of the weights and of the code."""
+    monkeypatch.setenv("NANOGPT_HF_CACHE", str(tmp_path / "cache"))
+    source = str(rope_rmsnorm_folder(tmp_path / "m"))
+    folder = serve.served_folder(source)
+    assert serve.served_folder(source) == folder and os.listdir(tmp_path / "cache" / "serve") == [os.path.basename(folder)]
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    assert "architectures" not in config and config["auto_map"]["AutoModelForCausalLM"].endswith("NanoGPTForCausalLM")
+    assert {"modeling_nanogpt.py", "cpu_decoding.py", "kv_cache.py"} <= set(os.listdir(folder))
+    ours, tok = load_model_and_tokenizer(source)
+    ids = tok(TEXT[:30]).input_ids
+    with torch.no_grad():
+        expected = ours.eval()(torch.tensor([ids])).logits[0]
+    proc = run_python(f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({folder!r}, trust_remote_code=True).eval()
+        ids = AutoTokenizer.from_pretrained({folder!r}, trust_remote_code=True)({TEXT[:30]!r}).input_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        print(json.dumps(dict(cls=type(model).__name__, ids=ids, logits=logits.tolist())))
+    """, hide_package=True, env={"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["cls"] == "NanoGPTForCausalLM" and got["ids"] == ids
+    torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=FP32_RTOL, atol=FP32_ATOL)
+    code = serve._model_code_files()
+    monkeypatch.setattr(serve, "_model_code_files", lambda: [*code, __file__])  # another version of the code
+    assert serve.served_folder(source) != folder
+
+
+def test_nanogpt_serve_says_what_it_needs_in_one_line(tmp_path, capsys):
+    with pytest.raises(UserError, match=r"needs transformers>=5\.25.*this is 5\.24\.0"):
+        serve._check_serving_installed("5.24.0")
+    serve._check_serving_installed("5.25.0")
+    serve._check_serving_installed("6.0.0.dev0")
+    assert_cli_error(serve.main, [str(tmp_path / "nothing")], "no such folder", capsys)
+    (tmp_path / "empty").mkdir()
+    assert_cli_error(serve.main, [str(tmp_path / "empty")], "no model.safetensors here", capsys)
+    assert_cli_error(serve.main, [str(tmp_path / "empty"), "--port", "0"], "a port is 1-65535", capsys)

@@ -1,5 +1,5 @@
 """Batch-1 decoding through every path users call, against GPT2LMHeadModel and this machine's read bandwidth,
-and through nanogpt-serve's endpoint."""
+and through nanogpt-serve's endpoint against GPT2LMHeadModel through the same server."""
 
 import json
 import os
@@ -12,6 +12,9 @@ import time
 import torch
 
 from .common import SHAPES, interleaved, models_of_shape, timed
+
+# the endpoint's rows: our model through nanogpt-serve, and GPT2LMHeadModel through the same server
+OURS_SERVED, GPT2_SERVED = "nanogpt-serve /v1/completions", "GPT2LMHeadModel transformers serve"
 
 
 def _tokenizer_for(vocab_size, block_size):
@@ -98,7 +101,9 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
     else:
         times = interleaved(fns, device, warmup, repeats)
     tps = {k: new_tokens / statistics.median(v) for k, v in times.items()}
-    def reference(name):  # GPT-2 doing the same work: pipeline, static cache, sampling (seed API, nanogpt-sample)
+    def reference(name):  # GPT-2 doing the same work: pipeline, static cache, sampling, the same server
+        if "serve" in name:
+            return tps[GPT2_SERVED]
         if "pipeline" in name:
             return tps["GPT2LMHeadModel pipeline"]
         if "compile_config" in name:
@@ -109,9 +114,8 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
             return tps["GPT2LMHeadModel generate, sampling top_k=1"]
         return tps["GPT2LMHeadModel generate"]
 
-    served = _served_tokens_per_s(ours, tokenizer, text, new_tokens, repeats) if device.type == "cpu" else None
-    if served is not None:  # through HTTP, tokenization and transformers' server: beside the in-process figure
-        tps["nanogpt-serve /v1/completions"] = served
+    if device.type == "cpu":  # through HTTP, tokenization and transformers' server: beside the in-process figures
+        tps.update(_served_tokens_per_s(ours, tokenizer, text, new_tokens, repeats))
     # what a token reads: every weight once (int8 where quantized) and the keys and values so far (the mean context)
     kv = 2 * shape["n_layer"] * shape["n_embd"] * 4 * (prompt_len + new_tokens / 2)
     per_token = {k: _bytes_read_per_token(quantized if "int8" in k else ours) + kv for k in tps}
@@ -127,8 +131,8 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
                                                    for seconds, bw in runs[k]) for k in runs if _samples(k)}
     return {"what": "generate", "shape": shape_name, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1,
             "vocab_size": shape["vocab_size"],
-            "tokens_per_s": tps, "vs_GPT2LMHeadModel": {k: tps[k] / reference(k) for k in tps  # the served model
-                                                        if not k.startswith(("GPT2LMHeadModel", "nanogpt-serve"))},
+            "tokens_per_s": tps, "vs_GPT2LMHeadModel": {k: tps[k] / reference(k) for k in tps
+                                                        if not k.startswith("GPT2LMHeadModel")},
             "bytes_per_token": per_token, "read_bandwidth": bandwidth,
             "of_bandwidth_bound": bound, "draw_seconds_per_token": draw,
             "of_bandwidth_bound_without_draw": bound_without_draw,
@@ -155,50 +159,54 @@ def _read_bandwidth_probe():
 
 
 def _served_tokens_per_s(model, tokenizer, prompt, new_tokens, repeats):
-    """tokens/s of nanogpt-serve's /v1/completions (greedy) for the model, timed from a client on 127.0.0.1 (the
-    best of `repeats` requests after one warm-up), or None where the serving extra is not installed."""
+    """tokens/s of /v1/completions (greedy) from a client on 127.0.0.1, the best of `repeats` requests after one
+    warm-up, the two servers asked in turn: transformers serve on the model's GPT2LMHeadModel export (the server
+    decoding with GPT-2's class), and nanogpt-serve on the model. {} where the serving extra is missing."""
     import importlib.util
-    import socket
-    import urllib.request
 
+    from ..export import export_gpt2
     from ..model_io import save_model_folder
+    from ..serve import free_port, wait_until_serving
 
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
-        return None
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        save_model_folder(model, tokenizer, os.path.join(tmp, "model"))
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, gpt2 = os.path.join(tmp, "model"), os.path.join(tmp, "gpt2")
+        save_model_folder(model, tokenizer, ours)
+        export_gpt2(ours, gpt2)
+        commands = {GPT2_SERVED: [sys.executable, "-m", "transformers.cli.transformers", "serve", gpt2],
+                    OURS_SERVED: [sys.executable, "-m", "nanogpt_hf.serve", ours]}
         env = {**os.environ, "NANOGPT_HF_CACHE": os.path.join(tmp, "cache")}
-        server = subprocess.Popen([sys.executable, "-m", "nanogpt_hf.serve", os.path.join(tmp, "model"), "--port",
-                                   str(port), "--device", "cpu"], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        servers = {}
         try:
-            deadline = time.time() + 180
-            while True:
-                if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("nanogpt-serve did not start")
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                    break
-                except OSError:
-                    time.sleep(0.5)
-            (folder,) = os.listdir(os.path.join(tmp, "cache", "serve"))
-            body = json.dumps({"model": os.path.join(tmp, "cache", "serve", folder), "prompt": prompt,
-                               "max_tokens": new_tokens, "temperature": 0}).encode()
-            best = 0.0
+            for name, command in commands.items():
+                port = free_port()
+                servers[name] = port, subprocess.Popen([*command, "--device", "cpu", "--port", str(port)], env=env,
+                                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for port, server in servers.values():
+                wait_until_serving(port, server)
+            # no "model" in the request: each server is pinned to its folder
+            body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0}).encode()
+            best = dict.fromkeys(servers, 0.0)
             for _ in range(repeats + 1):
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                                 headers={"Content-Type": "application/json"})
-                t0 = time.perf_counter()
-                with urllib.request.urlopen(request, timeout=600) as response:
-                    made = json.loads(response.read())["usage"]["completion_tokens"]
-                best = max(best, made / (time.perf_counter() - t0))
+                for name, (port, _) in servers.items():
+                    best[name] = max(best[name], _completion_tokens_per_s(port, body))
             return best
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            for _, server in servers.values():
+                server.terminate()
+                server.wait(timeout=30)
+
+
+def _completion_tokens_per_s(port, body):
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        made = json.loads(response.read())["usage"]["completion_tokens"]
+    return made / (time.perf_counter() - t0)
 
 
 def _bytes_read_per_token(model):
