@@ -8,6 +8,7 @@ run_dir.py (out_dir), tracking.py (progress, journal, trackers), checkpoint.py (
 """
 
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -336,7 +337,13 @@ def _compiled(model, cfg, log):
         log("warning: compile=True but torch.compile is not supported on this Python/platform: training without it")
         return model
     log("compiling the model... (takes a ~minute)")
+    # dynamo, tracing DDP's forward, notes once per rank that it skips DDP's profiler range: nothing to act on
+    logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(_not_profiler_note)
     return torch.compile(model)
+
+
+def _not_profiler_note(record):
+    return not record.getMessage().startswith("Profiler record function")
 
 
 def _is_compile_failure(e):

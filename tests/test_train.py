@@ -4,6 +4,7 @@ torchrun; checkpoints, bit-exact resume after SIGKILL, and config errors."""
 import json
 import os
 import sys
+import textwrap
 import time
 
 import pytest
@@ -249,6 +250,29 @@ def test_a_compiled_run_writes_checkpoints_that_load_and_resume(tmp_path, char_d
     assert max((resumed[k] - reference[k]).abs().max().item() for k in reference) < 1e-6
     assert train_losses(out).keys() == losses.keys()
     assert all(abs(train_losses(out)[k] - losses[k]) < 1e-5 for k in losses)
+
+
+def test_a_compiled_ddp_model_prints_no_note_on_ddps_profiler_range(tmp_path):
+    """torch.compile over DDP (the trainer's order, as Accelerate's) makes dynamo note, once per rank, that it skips
+    DDP's profiler range: noise the trainer's _compiled filters out. A one-rank gloo group, in fresh interpreters:
+    plain torch.compile prints the note (so the check can fail on this torch), the trainer's _compiled does not."""
+    code = """
+        import sys, torch, torch.distributed as dist
+        from types import SimpleNamespace
+        from nanogpt_hf.train import _compiled
+        dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 1))
+        model = {compile}
+        model(torch.randn(4, 8)).sum().backward()
+        dist.destroy_process_group()
+        print("stepped")
+    """
+    procs = {name: run_cli([sys.executable, "-c", textwrap.dedent(code.format(compile=call)), str(tmp_path / name)])
+             for name, call in (("plain", "torch.compile(ddp)"),
+                                ("ours", "_compiled(ddp, SimpleNamespace(compile=True), print)"))}
+    assert all(p.returncode == 0 and "stepped" in p.stdout for p in procs.values()), procs
+    assert "Profiler record function" in procs["plain"].stderr
+    assert "Profiler record function" not in procs["ours"].stderr, procs["ours"].stderr
 
 
 def test_a_compile_failure_stops_with_one_line(tmp_path, char_data):
