@@ -102,7 +102,7 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
         times = interleaved(fns, device, warmup, repeats)
     tps = {k: new_tokens / statistics.median(v) for k, v in times.items()}
     def reference(name):  # GPT-2 doing the same work: pipeline, static cache, sampling, the same server
-        if "serve" in name:
+        if name == OURS_SERVED:
             return tps[GPT2_SERVED]
         if "pipeline" in name:
             return tps["GPT2LMHeadModel pipeline"]
