@@ -1,43 +1,78 @@
-"""Decoding's matrix-vector products on a CPU, at the speed the memory streams the weights.
+"""Decoding's matrix-vector products on a CPU, each by the kernel this machine runs fastest, found by timing them.
 
-Decoding multiplies a few rows (one per sequence) by every weight matrix: a matrix-vector product bound by reading
-the weight from memory once per token. MKL runs F.linear's GEMV on one core: 15-21 GB/s on the 2-core AMD EPYC of
-docs/performance.md, whose memory streams at 45-75 GB/s. The same product as a batched GEMM over row blocks of the
-weight, two blocks per thread, reads at the memory's speed (55-72 GB/s for a 50k x 384 head there): torch.bmm hands
-same-layout batch items to MKL's strided batched GEMM, which runs the items in parallel, each a GEMV over contiguous
-rows. No copy of the weight: the blocks are a view of it.
+Decoding multiplies a few rows (one per sequence) by every weight matrix: a product bound by reading the weight, and
+how fast a CPU reads it depends on which BLAS routine runs. No routine wins everywhere (docs/performance.md):
+- `linear`: F.linear (MKL's GEMM with the weight transposed). On an Intel Xeon with MKL 2024 it is multi-threaded and
+  reads at 36-100 GB/s; on AMD EPYCs it runs on one core (15-21 GB/s for a 50k x 384 head).
+- `mv`: torch.mv / addmv (MKL's GEMV), one row only: on an AMD EPYC without AVX-512, 1152 x 384 in 47 us against
+  F.linear's 83.
+- `row_blocks`: the weight's rows split in blocks, two a thread, multiplied by torch.bmm (MKL's strided batched GEMM
+  runs the blocks in parallel, each a GEMV over contiguous rows): no copy, the blocks are a view. 55-72 GB/s for the
+  head on an AVX-512 AMD EPYC; 13-28 GB/s, a third of F.linear's rate, on the Intel Xeon.
+- `transposed`: a contiguous (in, out) copy of the weight, multiplied by addmm (GPT-2's Conv1D layout): 2.9 ms for the
+  50k x 384 head on the AVX2 EPYC against 3.2 (row blocks) and 6.7 (F.linear); on the Xeon 1.7 against 2.2. It costs
+  the weight's memory again, so it is a candidate only while the copies fit in a quarter of the memory available.
+So nothing is chosen by a constant: the first time a product of a shape (weight shape, rows, bias, threads) is
+decoded, its calls go to each candidate in turn, timed where they run (the weight as cached as decoding leaves it),
+and after SAMPLES calls each the candidate of the lowest median takes every later call of that shape, for the rest
+of the process. NANOGPT_DECODING_KERNEL=<name> forces one candidate everywhere it applies (tests, comparisons);
+`auto` (the default) measures. `chosen_kernels()` says what was chosen and the times behind it (nanogpt-bench prints
+them).
 
-Under torch.compile the product is an opaque custom op, so that inductor keeps the layout MKL streams (inductor's
-own lowering of the same bmm copies the vector into another layout and reads at 11 GB/s).
+The transposed copy follows the weight: it is made again when the weight's storage or version counter changes (an
+optimizer step, load_state_dict, any in-place edit torch counts). An edit through `.data` is one torch does not count;
+after such an edit call `forget_copies()`.
+
+Under torch.compile the product is an opaque custom op, so that inductor keeps the layout the kernels stream
+(inductor's own lowering of the row blocks' bmm copies the vector into another layout and reads at 11 GB/s).
 """
+
+import contextlib
+import os
+import statistics
+import time
 
 import torch
 from torch.nn import functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["decoding_linear", "is_decoding_product"]
+__all__ = ["KERNEL_ENV", "KERNELS", "chosen_kernels", "decoding_linear", "forced_kernel", "forget_copies",
+           "is_decoding_product"]
 
-MAX_ROWS = 4  # at 8 rows and more MKL's own GEMM is as fast (measured: 50k x 384 and the blocks' shapes)
-# Below 128k weights (512 KB) the ~10 us of the extra calls cost more than the read saves (a 384 x 128 matrix: 5 us
-# by F.linear from the cache, 13 us in blocks); from 384 x 384 up the blocks read faster (24 vs 45 us from memory)
-MIN_WEIGHTS = 1 << 17
-# Two blocks a thread read 3-8% faster than one (the head: 70-72 against 66-70 GB/s; the blocks' matrices 66-68
-# against 62-64, the AMD EPYC of docs/performance.md, natively and held to AVX2 alike); four a thread, no faster
-BLOCKS_PER_THREAD = 2
-_MKL = torch.backends.mkl.is_available()  # without MKL, torch.bmm multiplies the blocks one after the other
+KERNEL_ENV = "NANOGPT_DECODING_KERNEL"
+# A decoding step multiplies one row per sequence; past 16 rows the product is a GEMM, which F.linear is made for
+MAX_ROWS = 16
+SAMPLES = 5  # timed calls per candidate; the first of each is a warm-up and does not count
+BLOCKS_PER_THREAD = 2  # the row blocks: two a thread keep both halves of each core's work in flight
+COPY_SHARE = 4  # the transposed copies may take at most 1/COPY_SHARE of the memory available when a shape is timed
 
 
 def is_decoding_product(x, weight):
-    """Whether F.linear(x, weight) is a decoding step's product that decoding_linear reads faster: fp32 on a CPU,
-    outside autograd, a few rows, a weight of 512 KB or more, MKL. Every test is one torch.compile can trace."""
-    return (weight.numel() >= MIN_WEIGHTS and x.numel() <= MAX_ROWS * x.size(-1) and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled() and _MKL)
+    """Whether F.linear(x, weight) is a decoding step's product: fp32 on a CPU, outside autograd, at most MAX_ROWS
+    rows. Every test is one torch.compile can trace."""
+    return (x.numel() <= MAX_ROWS * x.size(-1) and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled())
 
 
 def decoding_linear(x, weight, bias):
-    """F.linear(x, weight, bias) for the products is_decoding_product accepts, the weight's row blocks in parallel."""
+    """F.linear(x, weight, bias) for the products is_decoding_product accepts, by the kernel chosen for its shape."""
     if torch.compiler.is_compiling():
         return torch.ops.nanogpt_hf.decoding_linear(x, weight, bias)
-    return _row_blocks_linear(x, weight, bias)
+    return _selected_linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------------- the kernels
+def _linear(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+def _mv_linear(x, weight, bias):
+    """One row: MKL's GEMV on the weight as stored."""
+    if x.numel() != x.size(-1):
+        return F.linear(x, weight, bias)
+    v = x.reshape(-1)  # (K,)
+    y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)  # (N,)
+    return y.view(*x.shape[:-1], weight.size(0))  # (..., N)
 
 
 def _row_blocks_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -70,12 +105,161 @@ def _row_blocks_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y.t().contiguous().view(*x.shape[:-1], N)  # (..., N)
 
 
+def _transposed_linear(x, weight, bias):
+    """x @ W^T with W^T a contiguous (K, N) copy of the weight, kept while the weight is unchanged."""
+    if weight.is_inference():  # no version counter to follow it by
+        return F.linear(x, weight, bias)
+    N, K = weight.shape
+    wt = _transposed_copy(weight)  # (K, N)
+    x2 = x.reshape(-1, K)  # (rows, K)
+    y = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)  # (rows, N)
+    return y.view(*x.shape[:-1], N)  # (..., N)
+
+
+KERNELS = {"linear": _linear, "mv": _mv_linear, "row_blocks": _row_blocks_linear, "transposed": _transposed_linear}
+
+# ------------------------------------------------------------------------------------------ the transposed copies
+_COPIES = WeakIdKeyDictionary()  # weight -> (its storage pointer, its version, the (K, N) copy)
+
+
+def _transposed_copy(weight):
+    entry = _COPIES.get(weight)
+    if entry is not None and entry[0] == weight.data_ptr() and entry[1] == weight._version:
+        return entry[2]
+    copy = weight.detach().t().contiguous()  # (K, N)
+    _COPIES[weight] = (weight.data_ptr(), weight._version, copy)
+    return copy
+
+
+def _copied_bytes():
+    return sum(entry[2].numel() * entry[2].element_size() for entry in _COPIES.values())
+
+
+def forget_copies():
+    """Drops every transposed copy (they are made again from the weights as they are now at the next use)."""
+    _COPIES.clear()
+
+
+def _available_memory():
+    """Bytes the kernel reports available (MemAvailable); free pages where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# ------------------------------------------------------------------------------------------------- the choice
+_CHOSEN = {}  # shape key -> the kernel's name
+_TRIALS = {}  # shape key -> {candidate: [seconds per timed call]}, while the shape is being timed
+_forced = None  # a kernel's name while forced_kernel() is in effect; else the environment's
+
+
+def _environment_kernel():
+    name = os.environ.get(KERNEL_ENV, "auto").strip() or "auto"
+    if name != "auto" and name not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={name!r} is not a decoding kernel: use auto (measure) or one of "
+                         f"{', '.join(KERNELS)}")
+    return None if name == "auto" else name
+
+
+def _shape_key(x, weight, bias):
+    return (*weight.shape, x.numel() // x.size(-1), bias is not None, torch.get_num_threads(),
+            weight.is_contiguous())
+
+
+def _selected_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    name = _forced or _CHOSEN.get(_shape_key(x, weight, bias))
+    if name is not None:
+        return KERNELS[name](x, weight, bias)
+    return _trial_call(x, weight, bias)
+
+
+def _candidates(x, weight):
+    """The kernels worth timing for this product on this machine: each one that runs it differently here."""
+    names = ["linear"]
+    if x.numel() == x.size(-1):
+        names.append("mv")
+    if torch.get_num_threads() >= 2 and weight.size(0) // 32 >= 2 and weight.is_contiguous():
+        names.append("row_blocks")
+    size = weight.numel() * weight.element_size()
+    if not weight.is_inference() and _copied_bytes() + size <= _available_memory() / COPY_SHARE:
+        names.append("transposed")
+    return names
+
+
+def _timed(name, x, weight, bias):
+    """(kernel(x, weight, bias), its wall time in seconds). Tests replace this to inject timings."""
+    t0 = time.perf_counter()
+    y = KERNELS[name](x, weight, bias)
+    return y, time.perf_counter() - t0
+
+
+def _trial_call(x, weight, bias):
+    """One call of a shape still being timed: the candidate with the fewest calls so far runs it; once every one
+    has SAMPLES, the lowest median (warm-ups left out) takes the shape from then on."""
+    key = _shape_key(x, weight, bias)
+    trials = _TRIALS.get(key)
+    if trials is None:
+        trials = _TRIALS[key] = {name: [] for name in _candidates(x, weight)}
+    name = min(trials, key=lambda n: len(trials[n]))
+    y, seconds = _timed(name, x, weight, bias)
+    trials[name].append(seconds)
+    if all(len(times) >= SAMPLES for times in trials.values()):
+        _CHOSEN[key] = fastest(trials)
+        if _CHOSEN[key] != "transposed" and not any(k[:2] == key[:2] and v == "transposed" for k, v in _CHOSEN.items()):
+            for w in [w for w in _COPIES.keys() if tuple(w.shape) == key[:2]]:
+                del _COPIES[w]  # this shape's copies served the timing only
+    return y
+
+
+def fastest(trials):
+    """The candidate whose timed calls (each list's first, a warm-up, left out) have the lowest median."""
+    return min(trials, key=lambda name: statistics.median(trials[name][1:] or trials[name]))
+
+
+def chosen_kernels():
+    """{"N x K, R row(s)[, bias], T threads": (chosen kernel, {candidate: median seconds})} for every shape decided
+    in this process."""
+    report = {}
+    for key, name in _CHOSEN.items():
+        N, K, rows, bias, threads, _ = key
+        label = f"{N} x {K}, {rows} row{'s' if rows > 1 else ''}{', bias' if bias else ''}, {threads} threads"
+        medians = {n: statistics.median(t[1:] or t) for n, t in _TRIALS.get(key, {}).items()}
+        report[label] = (name, medians)
+    return report
+
+
+def reset_choices():
+    """Forgets every choice and timing: the next call of each shape is timed again."""
+    _CHOSEN.clear()
+    _TRIALS.clear()
+    forget_copies()
+
+
+@contextlib.contextmanager
+def forced_kernel(name):
+    """Within the block every decoding product runs `name` (where it applies; F.linear where it does not)."""
+    global _forced
+    if name not in KERNELS:
+        raise ValueError(f"{name!r} is not a decoding kernel: one of {', '.join(KERNELS)}")
+    before, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = before
+
+
 def _register_op():
     """torch.ops.nanogpt_hf.decoding_linear, once per process (a saved model's copy of this file may load too)."""
     if hasattr(torch.ops.nanogpt_hf, "decoding_linear"):
         return
-    op = torch.library.custom_op("nanogpt_hf::decoding_linear", _row_blocks_linear, mutates_args=())
+    op = torch.library.custom_op("nanogpt_hf::decoding_linear", _selected_linear, mutates_args=())
     op.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.size(0)))
 
 
+_forced = _environment_kernel()
 _register_op()

@@ -34,7 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_nanogpt import NanoGPTConfig
-from .cpu_decoding import MIN_WEIGHTS, decoding_linear, is_decoding_product
+from .cpu_decoding import decoding_linear, is_decoding_product
 from .gpt2_conversion import load_gpt2_state_dict, nanogpt_config_from_gpt2, to_gpt2_model
 from .kv_cache import append_keys_values
 
@@ -132,8 +132,8 @@ def _linear(module, x):
     of a decoding step at small sizes). Anything else - peft's LoRA layers, quantized linears, hooks - is called."""
     if type(module) is nn.Linear and not _hooked(module):
         weight, bias = module.weight, module.bias
-        # a CPU's decoding step: the weight read on every core (the size first: small layers pay no further test)
-        if weight.numel() >= MIN_WEIGHTS and is_decoding_product(x, weight):
+        # a CPU's decoding step: by the kernel measured fastest for its shape on this machine (cpu_decoding.py)
+        if is_decoding_product(x, weight):
             return decoding_linear(x, weight, bias)
         return F.linear(x, weight, bias)
     return module(x)

@@ -1,6 +1,11 @@
-"""Decoding's matrix-vector products on a CPU (nanogpt_hf/cpu_decoding.py): the weight's row blocks multiplied in
-parallel give F.linear's numbers, the decoding paths take them where they pay (and only there), and GPT2LMHeadModel's
-tokens come out. Their speed is measured by `nanogpt-bench --what generate`, not here."""
+"""Decoding's matrix-vector products on a CPU (nanogpt_hf/cpu_decoding.py): every candidate kernel, forced, gives
+F.linear's numbers and the model's tokens; the choice between them is the fastest by timings (injected here either
+way); the decoding paths take a product only where it is one. Their speed is measured by `nanogpt-bench --what
+generate`, not here."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,9 +13,12 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from conftest import FP32_ATOL, FP32_RTOL, assert_greedy_sequence, tiny_model
-from nanogpt_hf.cpu_decoding import MIN_WEIGHTS, _row_blocks_linear, decoding_linear, is_decoding_product
+from nanogpt_hf import cpu_decoding
+from nanogpt_hf.cpu_decoding import KERNELS, decoding_linear, forced_kernel, is_decoding_product
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the row-block product needs MKL")
+# what each kernel runs, by torch's profiler: the proof that forcing it took that branch
+KERNEL_OPS = {"linear": {"aten::linear"}, "mv": {"aten::mv", "aten::addmv"}, "row_blocks": {"aten::bmm", "aten::baddbmm"},
+              "transposed": {"aten::mm", "aten::addmm"}}
 
 
 def ops_run(fn):
@@ -28,85 +36,181 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def fresh_choices():
+    """No shape timed yet, and none left behind for the next test."""
+    cpu_decoding.reset_choices()
+    yield
+    cpu_decoding.reset_choices()
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("N", [1536, 50257, 97 * 64 + 3])  # even; GPT-2's odd vocabulary; a remainder of 1
-@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_row_blocks_give_f_linears_numbers(two_threads, N, rows, with_bias):
+def test_every_kernel_gives_f_linears_numbers(two_threads, kernel, N, rows, with_bias):
     torch.manual_seed(N + rows)
     weight, x = torch.randn(N, 384) * 0.02, torch.randn(rows, 1, 384)  # GPT-2's init scale
     bias = torch.randn(N) if with_bias else None
-    with torch.no_grad():
+    with torch.no_grad(), forced_kernel(kernel):
         ops = ops_run(lambda: decoding_linear(x, weight, bias))
         out = decoding_linear(x, weight, bias)
-    assert ("aten::baddbmm" if with_bias else "aten::bmm") in ops  # the blocks, not F.linear's GEMV
+    expected = KERNEL_OPS["linear"] if kernel == "mv" and rows > 1 else KERNEL_OPS[kernel]  # mv: one row only
+    assert ops & expected, ops
     assert out.shape == (rows, 1, N) and out.is_contiguous()
     torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
-def test_row_blocks_of_rows_that_are_not_contiguous(two_threads):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_every_kernel_on_rows_that_are_not_contiguous(two_threads, kernel):
     """The head's input at a batch's prefill: the last position of each sequence, (B, C) rows T * C apart."""
     weight, bias, hidden = torch.randn(1536, 384) * 0.02, torch.randn(1536), torch.randn(3, 5, 384)
-    x = hidden[:, -1, :]
-    assert not x.is_contiguous()
-    with torch.no_grad():
-        torch.testing.assert_close(decoding_linear(x, weight, bias), F.linear(x, weight, bias),
-                                   rtol=FP32_RTOL, atol=FP32_ATOL)
+    for x in (hidden[:, -1, :], hidden[:1, -1, :]):
+        assert not x.is_contiguous() or x.size(0) == 1
+        with torch.no_grad(), forced_kernel(kernel):
+            torch.testing.assert_close(decoding_linear(x, weight, bias), F.linear(x, weight, bias),
+                                       rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
-def test_which_products_take_the_row_blocks(two_threads):
-    big, small = torch.randn(1152, 384), torch.randn(384, 128)
-    assert big.numel() >= MIN_WEIGHTS > small.numel()
-    one, five = torch.randn(1, 1, 384), torch.randn(5, 384)
+def test_which_products_are_decoding_products():
+    weight, one, many = torch.randn(1152, 384), torch.randn(1, 1, 384), torch.randn(17, 384)
     with torch.no_grad():
-        assert is_decoding_product(one, big)
-        assert not is_decoding_product(torch.randn(1, 128), small)  # from the cache F.linear is faster
-        assert not is_decoding_product(five, big)  # MKL's GEMM is as fast from 8 rows
-        for dtype in (torch.float64, torch.bfloat16):  # fp32 only (MKL's batched GEMM path)
-            assert not is_decoding_product(one.to(dtype), big.to(dtype))
-    assert not is_decoding_product(one, big)  # autograd on: training's numbers stay F.linear's
-    transposed = big.t().contiguous().t()  # a weight stored the other way (rows not contiguous): F.linear itself
+        assert is_decoding_product(one, weight) and is_decoding_product(torch.randn(16, 384), weight)
+        assert not is_decoding_product(many, weight)  # a GEMM: F.linear's own work
+        for dtype in (torch.float64, torch.bfloat16):  # fp32 only
+            assert not is_decoding_product(one.to(dtype), weight.to(dtype))
+    assert not is_decoding_product(one, weight)  # autograd on: training's numbers stay F.linear's
+
+
+def test_a_kernel_that_does_not_apply_is_f_linear_itself(two_threads):
+    big, one = torch.randn(1152, 384), torch.randn(1, 384)
+    transposed = big.t().contiguous().t()  # a weight stored the other way (rows not contiguous)
     with torch.no_grad():
-        assert torch.equal(_row_blocks_linear(one, transposed, None), F.linear(one, transposed))
-    torch.set_num_threads(1)  # one thread: nothing to split, F.linear itself (bit for bit)
+        assert torch.equal(cpu_decoding._row_blocks_linear(one, transposed, None), F.linear(one, transposed))
+        torch.set_num_threads(1)  # one thread: nothing to split
+        assert torch.equal(cpu_decoding._row_blocks_linear(one, big, None), F.linear(one, big))
+        frozen = big.clone()
+        with torch.inference_mode():
+            frozen = big.clone()  # an inference tensor has no version counter to follow a copy by
+        assert torch.equal(cpu_decoding._transposed_linear(one, frozen, None), F.linear(one, frozen))
+
+
+def inject_timings(monkeypatch, seconds):
+    """cpu_decoding times each trial call with these seconds per kernel instead of the clock (the call still runs)."""
+    def timed(name, x, weight, bias):
+        return KERNELS[name](x, weight, bias), seconds[name]
+
+    monkeypatch.setattr(cpu_decoding, "_timed", timed)
+
+
+@pytest.mark.parametrize("order", [("linear", "mv", "row_blocks", "transposed"),
+                                   ("transposed", "row_blocks", "mv", "linear"),
+                                   ("row_blocks", "linear", "transposed", "mv")])
+def test_the_choice_is_the_candidate_measured_fastest(two_threads, fresh_choices, monkeypatch, order):
+    """Timings injected either way: the shape goes to whichever kernel timed fastest, after SAMPLES calls of each
+    candidate (each a correct product), and every later call runs it."""
+    inject_timings(monkeypatch, {name: 1e-3 * (1 + rank) for rank, name in enumerate(order)})
+    weight, bias, x = torch.randn(1536, 384) * 0.02, torch.randn(1536), torch.randn(1, 384)
+    calls = cpu_decoding.SAMPLES * len(KERNELS)
     with torch.no_grad():
-        assert torch.equal(_row_blocks_linear(one, big, None), F.linear(one, big))
+        for _ in range(calls):
+            torch.testing.assert_close(decoding_linear(x, weight, bias), F.linear(x, weight, bias),
+                                       rtol=FP32_RTOL, atol=FP32_ATOL)
+        (label, (chosen, medians)), = cpu_decoding.chosen_kernels().items()
+        assert label == "1536 x 384, 1 row, bias, 2 threads"
+        assert chosen == order[0] and medians == {name: 1e-3 * (1 + r) for r, name in enumerate(order)}
+        assert ops_run(lambda: decoding_linear(x, weight, bias)) & KERNEL_OPS[order[0]]
+        assert (weight in cpu_decoding._COPIES) == (order[0] == "transposed")  # a copy kept only where it is used
+
+
+def test_the_choice_is_per_shape_and_leaves_out_what_does_not_apply(two_threads, fresh_choices, monkeypatch):
+    """Two rows: no mv candidate; the choice for one shape is not another's; a copy the memory cannot hold is not
+    a candidate."""
+    inject_timings(monkeypatch, {"linear": 3.0, "mv": 1.0, "row_blocks": 2.0, "transposed": 4.0})
+    weight = torch.randn(1536, 384)
+    monkeypatch.setattr(cpu_decoding, "_available_memory", lambda: weight.numel() * 4)  # a quarter is too little
+    with torch.no_grad():
+        for _ in range(cpu_decoding.SAMPLES * 4):
+            decoding_linear(torch.randn(2, 384), weight, None)
+            decoding_linear(torch.randn(1, 384), weight, None)
+    choices = {label: (name, set(medians)) for label, (name, medians) in cpu_decoding.chosen_kernels().items()}
+    assert choices == {"1536 x 384, 2 rows, 2 threads": ("row_blocks", {"linear", "row_blocks"}),
+                       "1536 x 384, 1 row, 2 threads": ("mv", {"linear", "mv", "row_blocks"})}
+
+
+def test_the_environment_forces_a_kernel_in_a_fresh_process():
+    """NANOGPT_DECODING_KERNEL=<name> decodes every product by that kernel (the ops it runs say so); a name that
+    is no kernel is one line naming the variable and the choices."""
+    script = ("import torch\nfrom transformers.cache_utils import DynamicCache\nfrom conftest import tiny_model\n"
+              "m = tiny_model(n_embd=384, n_head=6, n_layer=1, vocab_size=512, block_size=64)\n"
+              "x = torch.randint(0, 512, (1, 5))\n"
+              "with torch.no_grad():\n    c = DynamicCache(config=m.config); m.decode_logits(x, c)\n"
+              "    with torch.profiler.profile() as p: m.decode_logits(torch.cat([x, x[:, :1]], 1), c)\n"
+              "print(sorted({e.name for e in p.events()}))\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    for kernel in ("mv", "transposed"):
+        env = {**os.environ, cpu_decoding.KERNEL_ENV: kernel}
+        out = subprocess.run([sys.executable, "-c", script], cwd=here, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        ops = set(eval(out.stdout.strip().splitlines()[-1]))
+        assert ops & KERNEL_OPS[kernel] and not ops & {"aten::linear", "aten::bmm"}, ops
+    env = {**os.environ, cpu_decoding.KERNEL_ENV: "fastest"}
+    out = subprocess.run([sys.executable, "-c", "import nanogpt_hf.cpu_decoding"], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and "NANOGPT_DECODING_KERNEL='fastest' is not a decoding kernel" in out.stderr
 
 
 def wide_model(seed=5):
-    """The smallest model whose matrices all take the row blocks: 384 wide (the 384 x 384 projection is 147k
-    weights), a 512-token vocabulary, GPT-2's form so GPT2LMHeadModel computes the same function."""
+    """A 384-wide model (the 6L/384 shape's matrices), a 512-token vocabulary, GPT-2's form so GPT2LMHeadModel
+    computes the same function."""
     return tiny_model(seed=seed, n_embd=384, n_head=6, n_layer=2, vocab_size=512, block_size=64, bias=True,
                       activation_function="gelu_new")
 
 
-def test_decoding_takes_the_row_blocks_and_gives_gpt2lmheadmodels_tokens(two_threads):
+@pytest.mark.parametrize("kernel", [*KERNELS, "auto"])
+def test_decoding_by_each_kernel_gives_the_forwards_logits_and_gpt2lmheadmodels_tokens(two_threads, fresh_choices,
+                                                                                        kernel):
     model = wide_model()
     gpt2 = model.to_gpt2().eval()
     prompt = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
-    with torch.no_grad():
+    forced = forced_kernel(kernel) if kernel != "auto" else torch.no_grad()  # auto: timed, then chosen
+    with torch.no_grad(), forced:
         cache = DynamicCache(config=model.config)
-        model.decode_logits(prompt, cache)  # the prompt: 9 rows, F.linear
+        model.decode_logits(prompt, cache)  # the prompt: 9 rows
         step = torch.cat([prompt, prompt[:, :1]], dim=1)
-        ops = ops_run(lambda: model.decode_logits(step, cache))  # one new token: every product in row blocks
-        assert "aten::baddbmm" in ops and "aten::addmm" not in ops and "aten::linear" not in ops
+        ops = ops_run(lambda: model.decode_logits(step, cache))  # one new token
+        with torch.enable_grad():  # the forward with autograd on is F.linear throughout: the reference
+            reference = model(step).logits[:, -1].detach()
+        torch.testing.assert_close(model.decode_logits(step, DynamicCache(config=model.config)), reference,
+                                   rtol=FP32_RTOL, atol=FP32_ATOL)
         ours = model.generate(prompt, **kw)
         static = model.generate(prompt, cache_implementation="static", **kw)
         seed_api = model.generate(prompt, 40, top_k=1)
+    if kernel != "auto":
+        assert ops & KERNEL_OPS[kernel], ops
+    if kernel not in ("linear", "auto"):
+        assert "aten::linear" not in ops
     for tokens in (ours, static, seed_api):  # greedy under an independent implementation, step by step
         assert tokens.shape == (1, 49) and torch.equal(tokens[:, :9], prompt)
         assert_greedy_sequence(tokens, 9, gpt2)
+    if kernel == "auto":  # every product of a decoding step was timed and decided
+        chosen = cpu_decoding.chosen_kernels()
+        assert {"1152 x 384, 1 row, bias, 2 threads", "512 x 384, 1 row, 2 threads"} <= set(chosen)
 
 
-def test_decoding_follows_every_change_of_the_weights(two_threads):
-    """The products read the parameters as they are at each step (no copy is kept): after an optimizer step,
-    load_state_dict or an in-place edit, decoding computes with the new weights, as forward does."""
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_decoding_follows_every_change_of_the_weights(two_threads, kernel):
+    """The products read the parameters as they are at each step (a transposed copy is made again when the weight
+    changed): after an optimizer step, load_state_dict or an in-place edit, decoding computes with the new weights,
+    as forward does."""
     model = wide_model()
     x = torch.randint(0, 512, (2, 7))
 
-    def both():
-        with torch.no_grad():
-            return model.decode_logits(x, DynamicCache(config=model.config)), model(x).logits[:, -1]
+    def both():  # the forward with autograd on is F.linear throughout: the reference
+        with torch.no_grad(), forced_kernel(kernel):
+            fast = model.decode_logits(x[:1], DynamicCache(config=model.config))
+        return fast, model(x[:1]).logits[:, -1].detach()
 
     fast, ref = both()
     torch.testing.assert_close(fast, ref, rtol=FP32_RTOL, atol=FP32_ATOL)
@@ -120,6 +224,11 @@ def test_decoding_follows_every_change_of_the_weights(two_threads):
     loaded, ref_loaded = both()
     assert not torch.allclose(loaded, after)
     torch.testing.assert_close(loaded, ref_loaded, rtol=FP32_RTOL, atol=FP32_ATOL)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    edited, ref_edited = both()
+    assert not torch.allclose(edited, loaded)
+    torch.testing.assert_close(edited, ref_edited, rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
 def test_a_hooked_or_wrapped_layer_is_called(two_threads):

@@ -208,6 +208,16 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
         *(k for k in generate["tokens_per_s"] if "int8" in k and ("seed API" in k or "nanogpt-sample" in k))}
     assert all(generate["of_bandwidth_bound"][k] < share for k, share in generate["of_bandwidth_bound_without_draw"].items())
     assert generate["draw_seconds_per_token"] > 0 and "without the draw" in proc.stdout
+    # both bounds (a 1 GiB buffer's read rate, a buffer the weights' size), our paths against plain F.linear decoding
+    # (in process and through the endpoint), and the kernel each product shape chose with the times behind it
+    assert generate["weights_read_bandwidth"] > 1e9 and set(generate["of_weights_bandwidth_bound"]) == set(generate["tokens_per_s"])
+    assert {"generate", "nanogpt-serve /v1/completions"} <= set(generate["vs_plain_linear"])
+    assert "nanogpt-serve, every product F.linear" in generate["tokens_per_s"]
+    kernels = generate["kernels"]
+    assert any(label.startswith("65 x 128, 1 row") for label in kernels), kernels  # the quickstart shape's head
+    for kernel in kernels.values():
+        assert kernel["chosen"] == min(kernel["median_us"], key=kernel["median_us"].get)
+    assert "kernel for " in proc.stdout and "x plain F.linear decoding" in proc.stdout
     assert any(e.get("name", "").startswith("aten::") for e in json.load(open(trace))["traceEvents"])
 
 

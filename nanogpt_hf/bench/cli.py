@@ -52,22 +52,28 @@ def _print(result):
               f"speed-up x{result['speedup_vs_GPT2LMHeadModel']:.2f}" +
               (f" | nanoGPT {ms['nanoGPT']:8.1f} ms, speed-up x{result['speedup_vs_nanoGPT']:.2f}" if "nanoGPT" in ms else ""))
     elif what == "generate":
-        bandwidth = result.get("read_bandwidth")
+        gb = lambda key: (result.get(key) or float("nan") * 1e9) / 1e9  # noqa: E731
         print(f"generate {result['shape']}, batch 1, {result['new_tokens']} new tokens (tokens/s; MB each token reads; "
-              f"the share of the bound set by this machine's read bandwidth, measured before each run: median "
-              f"{bandwidth / 1e9 if bandwidth else float('nan'):.1f} GB/s; x GPT2LMHeadModel's same path; fp32 paths "
-              f"give the same tokens: "
+              f"the share of the bound set by this machine's read rate, measured before each run, of a 1 GiB buffer "
+              f"(median {gb('read_bandwidth'):.1f} GB/s) | of a buffer the weights' size ({gb('weights_read_bandwidth'):.1f}"
+              f" GB/s); x GPT2LMHeadModel's same path; x plain F.linear decoding; fp32 paths give the same tokens: "
               f"{result['same_tokens_fp32_paths']})")
         for name, tps in result["tokens_per_s"].items():
             ratio = result["vs_GPT2LMHeadModel"].get(name)
+            plain = (result.get("vs_plain_linear") or {}).get(name)
             share = (result.get("of_bandwidth_bound") or {}).get(name)
+            weights_share = (result.get("of_weights_bandwidth_bound") or {}).get(name)
             without_draw = (result.get("of_bandwidth_bound_without_draw") or {}).get(name)
             print(f"  {name:<42} {tps:8.0f} tok/s {result['bytes_per_token'][name] / 1e6:7.1f} MB"
-                  + (f" {share * 100:5.1f}% of bound" if share else "") + (f"   x{ratio:.2f}" if ratio else "")
+                  + (f" {share * 100:5.1f}% | {weights_share * 100:5.1f}% of bound" if share else "")
+                  + (f"   x{ratio:.2f}" if ratio else "") + (f"   x{plain:.2f} F.linear" if plain else "")
                   + (f"   {without_draw * 100:.1f}% without the draw" if without_draw else ""))
         if result.get("draw_seconds_per_token"):
             print(f"  (the draw: torch.multinomial over {result['vocab_size']:,} probabilities, "
                   f"{result['draw_seconds_per_token'] * 1e3:.2f} ms a token, paid by every sampling path)")
+        for label, kernel in (result.get("kernels") or {}).items():
+            times = ", ".join(f"{k} {us:.0f}" for k, us in sorted(kernel["median_us"].items(), key=lambda kv: kv[1]))
+            print(f"  kernel for {label:<34} {kernel['chosen']:<11} (median us: {times})")
     elif what == "prepare":
         print(f"prepare {result['corpus_mb']:.0f} MB, num_proc {result['num_proc']} | {result['seconds']:.1f} s, "
               f"{result['end_to_end_mb_per_s']:.1f} MB/s end to end, tokenizer {result['tokenize_mb_per_s']:.1f} MB/s | "

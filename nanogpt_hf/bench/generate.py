@@ -15,6 +15,8 @@ from .common import SHAPES, interleaved, models_of_shape, timed
 
 # the endpoint's rows: our model through nanogpt-serve, and GPT2LMHeadModel through the same server
 OURS_SERVED, GPT2_SERVED = "nanogpt-serve /v1/completions", "GPT2LMHeadModel transformers serve"
+PLAIN_LINEAR = "generate, every product F.linear"  # our generate with the kernels' choice off
+SERVED_LINEAR = "nanogpt-serve, every product F.linear"  # the endpoint with it off (NANOGPT_DECODING_KERNEL)
 
 
 def _tokenizer_for(vocab_size, block_size):
@@ -39,6 +41,7 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
 
     from transformers import pipeline
 
+    from ..cpu_decoding import chosen_kernels, forced_kernel
     from ..quantize import int8_available, quantize_int8
     from ..sample import sample_tokens
 
@@ -60,8 +63,13 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
     def sample_loop():
         return torch.cat([prompt, *sample_tokens(ours, prompt, new_tokens, top_k=1)], dim=1)
 
+    def plain_linear():
+        with forced_kernel("linear"):
+            return ours.generate(prompt, **kw)
+
     fns = {
         "GPT2LMHeadModel generate": lambda: ref.generate(prompt, **kw),
+        PLAIN_LINEAR: plain_linear,
         "GPT2LMHeadModel generate, sampling top_k=1": lambda: ref.generate(prompt, **sampling),
         "generate": lambda: ours.generate(prompt, **kw),
         "GPT2LMHeadModel generate, static cache": lambda: ref.generate(prompt, cache_implementation="static", **kw),
@@ -87,7 +95,7 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
         fns["nanogpt-sample loop, int8 weights"] = lambda: torch.cat(
             [prompt, *sample_tokens(quantized, prompt, new_tokens, top_k=1)], dim=1)
         fns["pipeline, int8 weights"] = lambda: int8_pipe(text, **pipe_kw)
-    greedy = ("generate", "generate, static cache", "seed API generate(idx, n, top_k=1)", "nanogpt-sample loop",
+    greedy = ("generate", PLAIN_LINEAR, "generate, static cache", "seed API generate(idx, n, top_k=1)", "nanogpt-sample loop",
               "GPT2LMHeadModel generate", "generate, static cache, compile_config",
               "GPT2LMHeadModel generate, static cache, compile_config")
     tokens = {name: fns[name]() for name in greedy if name in fns}
@@ -95,14 +103,21 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
     pipe_ids = [torch.tensor(fns[n]()[0]["generated_token_ids"]) for n in ("pipeline", "GPT2LMHeadModel pipeline")]
     if any(len(p) != ids.size(1) + new_tokens for p in pipe_ids):
         raise RuntimeError("a pipeline stopped before its new tokens")  # tokens/s below assumes every run made them
-    if device.type == "cpu":  # each run beside the read bandwidth of its moment
-        runs = interleaved(fns, device, warmup, repeats, before=_read_bandwidth_probe())
+    # what a token reads: every weight once (int8 where quantized) and the keys and values so far (the mean context)
+    kv = 2 * shape["n_layer"] * shape["n_embd"] * 4 * (prompt_len + new_tokens / 2)
+    weights = _bytes_read_per_token(ours)
+    if device.type == "cpu":  # each run beside the read rates of its moment: a large buffer's, the weights' size
+        runs = interleaved(fns, device, warmup, repeats, before=_read_bandwidth_probe(weights))
         times = {k: [seconds for seconds, _ in v] for k, v in runs.items()}
     else:
         times = interleaved(fns, device, warmup, repeats)
     tps = {k: new_tokens / statistics.median(v) for k, v in times.items()}
     def reference(name):  # GPT-2 doing the same work: pipeline, static cache, sampling, the same server
         if name == OURS_SERVED:
+            return tps[GPT2_SERVED]
+        if name == PLAIN_LINEAR:
+            return tps["GPT2LMHeadModel generate"]
+        if name == SERVED_LINEAR:
             return tps[GPT2_SERVED]
         if "pipeline" in name:
             return tps["GPT2LMHeadModel pipeline"]
@@ -116,25 +131,38 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
 
     if device.type == "cpu":  # through HTTP, tokenization and transformers' server: beside the in-process figures
         tps.update(_served_tokens_per_s(ours, tokenizer, text, new_tokens, repeats))
-    # what a token reads: every weight once (int8 where quantized) and the keys and values so far (the mean context)
-    kv = 2 * shape["n_layer"] * shape["n_embd"] * 4 * (prompt_len + new_tokens / 2)
-    per_token = {k: _bytes_read_per_token(quantized if "int8" in k else ours) + kv for k in tps}
-    bandwidth, bound, draw, bound_without_draw = None, None, None, None
-    if device.type == "cpu":  # each run against the bandwidth of its moment; the endpoint against the median
-        bandwidth = statistics.median(bw for v in runs.values() for _, bw in v)
-        bound = {k: statistics.median(new_tokens / seconds * per_token[k] / bw for seconds, bw in runs[k])
-                 if k in runs else tps[k] * per_token[k] / bandwidth for k in tps}
+    per_token = {k: (_bytes_read_per_token(quantized) if "int8" in k else weights) + kv for k in tps}
+    bandwidth, weights_bandwidth, bound, weights_bound, draw, bound_without_draw = None, None, None, None, None, None
+    if device.type == "cpu":  # each run against the read rates of its moment; the endpoint against the medians
+        bandwidth = statistics.median(rates[0] for v in runs.values() for _, rates in v)
+        weights_bandwidth = statistics.median(rates[1] for v in runs.values() for _, rates in v)
+
+        def share(k, which, median):  # of the bound that read rate sets
+            if k not in runs:
+                return tps[k] * per_token[k] / median
+            return statistics.median(new_tokens / seconds * per_token[k] / rates[which] for seconds, rates in runs[k])
+
+        bound = {k: share(k, 0, bandwidth) for k in tps}
+        weights_bound = {k: share(k, 1, weights_bandwidth) for k in tps}
         # the sampling paths draw with torch.multinomial, an exponential per vocabulary entry (the same samples as
         # nanoGPT for a seed): their share again with that draw's time taken out of each token
         draw = _draw_seconds(shape["vocab_size"], device)
-        bound_without_draw = {k: statistics.median(per_token[k] / bw / max(seconds / new_tokens - draw, 1e-9)
-                                                   for seconds, bw in runs[k]) for k in runs if _samples(k)}
+        bound_without_draw = {k: statistics.median(per_token[k] / rates[0] / max(seconds / new_tokens - draw, 1e-9)
+                                                   for seconds, rates in runs[k]) for k in runs if _samples(k)}
+    # our fp32 decoding paths against plain F.linear decoding of the same model: what the kernels' choice gains
+    vs_plain = {k: tps[k] / tps[PLAIN_LINEAR] for k in tps if not k.startswith("GPT2LMHeadModel")
+                and "int8" not in k and k not in (PLAIN_LINEAR, OURS_SERVED, SERVED_LINEAR)}
+    if SERVED_LINEAR in tps:  # the endpoint against itself with the choice off
+        vs_plain[OURS_SERVED] = tps[OURS_SERVED] / tps[SERVED_LINEAR]
     return {"what": "generate", "shape": shape_name, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1,
             "vocab_size": shape["vocab_size"],
             "tokens_per_s": tps, "vs_GPT2LMHeadModel": {k: tps[k] / reference(k) for k in tps
                                                         if not k.startswith("GPT2LMHeadModel")},
-            "bytes_per_token": per_token, "read_bandwidth": bandwidth,
-            "of_bandwidth_bound": bound, "draw_seconds_per_token": draw,
+            "vs_plain_linear": vs_plain,
+            "bytes_per_token": per_token, "read_bandwidth": bandwidth, "weights_read_bandwidth": weights_bandwidth,
+            "of_bandwidth_bound": bound, "of_weights_bandwidth_bound": weights_bound, "draw_seconds_per_token": draw,
+            "kernels": {label: {"chosen": name, "median_us": {k: v * 1e6 for k, v in medians.items()}}
+                        for label, (name, medians) in chosen_kernels().items()},
             "of_bandwidth_bound_without_draw": bound_without_draw,
             "same_tokens_fp32_paths": same}
 
@@ -150,20 +178,34 @@ def _draw_seconds(vocab_size, device, repeats=20):
     return statistics.median(timed(lambda: torch.multinomial(probs, 1), device) for _ in range(repeats))
 
 
-def _read_bandwidth_probe():
-    """A function returning the machine's read bandwidth now, bytes/s: the best of two sums of a 1 GiB tensor on
-    every thread. A shared machine's bandwidth moves with its neighbours' load (42-78 GB/s within minutes on the AMD
-    EPYC of docs/performance.md), so the bench measures it just before each run."""
-    probe = torch.ones((1 << 30) // 4)
-    return lambda: probe.numel() * 4 / min(timed(probe.sum, probe.device) for _ in range(2))
+def _read_bandwidth_probe(weights_bytes):
+    """A function returning the machine's read rates now, bytes/s: (a 1 GiB tensor's, the DRAM rate; a tensor the
+    size of the weights', read as a decode reads them: from the cache where the cache holds them), each the best of
+    two sums on every thread, the smaller one warmed first. A shared machine's bandwidth moves with its neighbours'
+    load (42-78 GB/s within minutes on an AMD EPYC, docs/performance.md), so the bench measures both just before
+    each run. On a CPU whose cache holds the whole model (an Intel Xeon's 260 MiB L3 and the 122 MB 6L/384 model)
+    only the second says how far a decode is from its limit."""
+    large, sized = torch.ones((1 << 30) // 4), torch.ones(max(1, int(weights_bytes) // 4))
+
+    def rate(t):
+        return t.numel() * 4 / min(timed(t.sum, t.device) for _ in range(2))
+
+    def rates():
+        dram = rate(large)
+        sized.sum()
+        return dram, rate(sized)
+
+    return rates
 
 
 def _served_tokens_per_s(model, tokenizer, prompt, new_tokens, repeats):
     """tokens/s of /v1/completions (greedy) from a client on 127.0.0.1, the best of `repeats` requests after one
-    warm-up, the two servers asked in turn: transformers serve on the model's GPT2LMHeadModel export (the server
-    decoding with GPT-2's class), and nanogpt-serve on the model. {} where the serving extra is missing."""
+    warm-up, the servers asked in turn: transformers serve on the model's GPT2LMHeadModel export (the server
+    decoding with GPT-2's class), nanogpt-serve on the model, and nanogpt-serve with every product F.linear
+    (NANOGPT_DECODING_KERNEL=linear). {} where the serving extra is missing."""
     import importlib.util
 
+    from ..cpu_decoding import KERNEL_ENV
     from ..export import export_gpt2
     from ..model_io import save_model_folder
     from ..serve import free_port, wait_until_serving
@@ -174,13 +216,14 @@ def _served_tokens_per_s(model, tokenizer, prompt, new_tokens, repeats):
         ours, gpt2 = os.path.join(tmp, "model"), os.path.join(tmp, "gpt2")
         save_model_folder(model, tokenizer, ours)
         export_gpt2(ours, gpt2)
-        commands = {GPT2_SERVED: [sys.executable, "-m", "transformers.cli.transformers", "serve", gpt2],
-                    OURS_SERVED: [sys.executable, "-m", "nanogpt_hf.serve", ours]}
-        env = {**os.environ, "NANOGPT_HF_CACHE": os.path.join(tmp, "cache")}
+        serve_ours = [sys.executable, "-m", "nanogpt_hf.serve", ours]
+        commands = {GPT2_SERVED: ([sys.executable, "-m", "transformers.cli.transformers", "serve", gpt2], "auto"),
+                    OURS_SERVED: (serve_ours, "auto"), SERVED_LINEAR: (serve_ours, "linear")}
         servers = {}
         try:
-            for name, command in commands.items():
+            for name, (command, kernel) in commands.items():
                 port = free_port()
+                env = {**os.environ, "NANOGPT_HF_CACHE": os.path.join(tmp, "cache"), KERNEL_ENV: kernel}
                 servers[name] = port, subprocess.Popen([*command, "--device", "cpu", "--port", str(port)], env=env,
                                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for port, server in servers.values():
