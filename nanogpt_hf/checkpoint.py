@@ -45,10 +45,15 @@ def fault_point(name):
     """Test hooks for the crash tests, on rank NANOGPT_KILL_RANK (0 by default): NANOGPT_KILL_AT=name (or name@N for
     the N-th time) SIGKILLs this process right here, exactly like a power cut or the OOM killer would;
     NANOGPT_RAISE_AT=name@N raises a RuntimeError there, as a CUDA out-of-memory error on one GPU does;
-    NANOGPT_DELAY_AT=name:seconds waits there, like a slow disk. Does nothing unless a variable is set."""
-    delay = os.environ.get("NANOGPT_DELAY_AT", "")
-    if delay.partition(":")[0] == name:
-        time.sleep(float(delay.partition(":")[2]))
+    NANOGPT_DELAY_AT=name:seconds waits there every time, like a slow disk, name@N:seconds the N-th time only, like
+    one long step (a comma list: several). Does nothing unless a variable is set."""
+    for delay in filter(None, os.environ.get("NANOGPT_DELAY_AT", "").split(",")):
+        where, _, seconds = delay.partition(":")
+        label, _, nth = where.partition("@")
+        if label == name:
+            count = fault_point.counts[where] = fault_point.counts.get(where, 0) + 1
+            if not nth or count == int(nth):
+                time.sleep(float(seconds))
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # an elastic restart runs clean
         return
     for variable in ("NANOGPT_KILL_AT", "NANOGPT_RAISE_AT"):
@@ -386,12 +391,31 @@ def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run
         prune_checkpoints(run.checkpoints, keep_last, best)
         run.publish_model(final)
 
+    def on_disk():  # after a writer was killed
+        newest = run.latest_checkpoint()
+        return (f"on disk: {'the newest complete checkpoint is ' + newest if newest else 'no complete checkpoint'}; "
+                f"the partial {tmp} is never taken as one (removed at the next start)")
+
+    if detach and accelerator.num_processes == 1:
+        # one process: nothing to do with others, so everything is written by the detached writer, forked at once
+        # (a second SIGTERM 0.3 s after the first kills this process, not the writer); a GPU's tensors are copied
+        # to the CPU first (the writer cannot use the GPU)
+        state_dict = {k: v.detach().cpu() for k, v in _without_tied(raw, accelerator.get_state_dict(model)).items()}
+        optimizer_whole = optimizer_state(raw, optimizers)
+        rank = {"rng": rng_state(), "data": train_source.state_dict()}
+
+        def all_detached():
+            run.name_holder()
+            writing(begin)
+            writing(lambda: save_tree(os.path.join(tmp, "rank0"), rank))
+            writing(main_part)
+
+        outliving_the_launcher(all_detached, on_disk)
+        return final
     together(accelerator, lambda: writing(begin))
     together(accelerator, lambda: writing(rank_state))
     state_dict = accelerator.get_state_dict(model)  # collectives under FSDP: every rank calls them
-    if raw.config.tie_word_embeddings:  # FSDP's full state dict holds the tied head as a copy: saved once, like 1 process
-        for key in getattr(raw, "_tied_weights_keys", None) or {}:
-            state_dict.pop(key, None)
+    state_dict = _without_tied(raw, state_dict)
     if detach:  # gathered whole on the writing rank: the forked writer cannot join collectives
         optimizer_whole = optimizer_state(raw, optimizers, keep=accelerator.is_main_process)
     else:  # streamed to the file tensor by tensor, every rank in each gather, the writing rank alone keeping one
@@ -405,10 +429,18 @@ def save_checkpoint(accelerator, model, optimizers, train_source, tokenizer, run
             run.name_holder()
             writing(main_part)
 
-        together(accelerator, lambda: outliving_the_launcher(main_part_detached))
+        together(accelerator, lambda: outliving_the_launcher(main_part_detached, on_disk))
     else:
         together(accelerator, lambda: writing(main_part))
     return final
+
+
+def _without_tied(raw, state_dict):
+    """FSDP's full state dict holds the tied head as a copy: saved once, like one process."""
+    if raw.config.tie_word_embeddings:
+        for key in getattr(raw, "_tied_weights_keys", None) or {}:
+            state_dict.pop(key, None)
+    return state_dict
 
 
 def _remedy(error):

@@ -19,6 +19,10 @@ class UserError(Exception):
         self.every_rank = every_rank
 
 
+# set by a stop signal (launch.StopSignals): the launcher that sent it is leaving already and waits for this process
+stop_signal_received = False
+
+
 def first_line(error, limit=200):
     """The first line of an exception's message, at most limit characters (a library's error can be pages long)."""
     return (str(error).strip().splitlines() or [""])[0][:limit]
@@ -43,7 +47,7 @@ def cli_main(main):
         except UserError as e:
             launcher = _accelerate_launcher()
             _say(f"error: {e}", e.every_rank)
-            if launcher is not None and os.environ.get("LOCAL_RANK", "0") == "0":
+            if launcher is not None and os.environ.get("LOCAL_RANK", "0") == "0" and not stop_signal_received:
                 _stop_quietly(launcher)
             sys.exit(2)
         except KeyboardInterrupt:

@@ -14,11 +14,16 @@ import time
 
 import torch
 
+from . import errors
 from .errors import UserError
 from .hardware import keep_freed_memory_mapped
 
 __all__ = ["make_accelerator", "check_launch", "launched_world_size", "on_gpu", "round_accumulation", "together", "finish",
-           "StopSignals", "outliving_the_launcher"]
+           "StopSignals", "StopNow", "outliving_the_launcher", "stop_grace_shortfall"]
+
+# the process that started this one, as it was when the trainer was imported: a launcher that is PID 1 (a container's
+# entrypoint, `docker run IMAGE torchrun ...`) is our parent then, and a parent that changes later has died
+_PARENT_AT_START = os.getppid()
 
 
 def _precision(dtype, on_gpu, warn):
@@ -46,8 +51,28 @@ def _die_with_parent():
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the launcher died before prctl took effect
+    if _orphaned():  # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _orphaned(parent_at_start=None):
+    """Whether the launcher that started this worker is gone: the parent changed since start-up, or was already
+    init when the trainer was imported. A launcher that is PID 1 itself (a container's entrypoint, a pod with no
+    init) is a parent like any other: PID 1 whose command line is a Python launcher is not init."""
+    start = _PARENT_AT_START if parent_at_start is None else parent_at_start
+    if os.getppid() != start:
+        return True
+    return start == 1 and not _is_python_launcher(1)
+
+
+def _is_python_launcher(pid):
+    """Whether process pid runs Python, accelerate or torchrun (by its command line)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")[:4]
+    except OSError:
+        return False
+    return any(name in os.path.basename(word) for word in words for name in (b"python", b"accelerate", b"torchrun"))
 
 
 def launched_world_size():
@@ -227,12 +252,25 @@ def finish(accelerator):
         time.sleep(0.2)
 
 
-class StopSignals:
-    """SIGTERM (what SLURM and Kubernetes send before a kill) and SIGINT (Ctrl-C) ask the loop to finish its step
-    and checkpoint; a second Ctrl-C stops at once. `received` is the signal number, or 0."""
+class StopNow(BaseException):
+    """Raised by a stop signal inside an interruptible region (StopSignals.interruptible): the work in progress is
+    abandoned. A BaseException, so that no `except Exception` on the way keeps it from reaching the loop."""
 
-    def __init__(self):
+
+class StopSignals:
+    """SIGTERM (what SLURM and Kubernetes send before a kill) and SIGINT (Ctrl-C) stop the run with a checkpoint of
+    its last completed step; a second Ctrl-C stops at once. `received` is the signal number, or 0.
+
+    With several processes every rank must leave the step's collectives together, so the signal is agreed on at the
+    step's end (the loop reads `received`). With one (interrupt=True) nothing is shared: inside an interruptible()
+    block, the forward and backward of a step or an evaluation, the signal raises StopNow at once and that work is
+    dropped (it changed no weight), so the checkpoint starts within a fraction of a second of the signal, however
+    long a step or an evaluation takes."""
+
+    def __init__(self, interrupt=False):
         self.received = 0
+        self.interrupt = interrupt
+        self._interruptible = False
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -241,52 +279,145 @@ class StopSignals:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
+        errors.stop_signal_received = True  # a refusal from here on: the launcher need not be asked to stop
+        if self._interruptible:
+            self._interruptible = False
+            raise StopNow(signum)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A block whose work a stop signal may abandon (one process only; elsewhere a plain block)."""
+        if self.interrupt and self.received:
+            raise StopNow(self.received)  # it came between two blocks
+        self._interruptible = self.interrupt
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def restore(self):
+        self._interruptible = False
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def outliving_the_launcher(fn):
-    """Runs fn in a forked child and waits for it; fn's UserError is raised here. A launcher that stops its workers
-    with SIGTERM and SIGKILLs them a few seconds later cannot cut fn short: accelerate 1.16's one-process launcher
-    lists the process tree when SIGTERM reaches it and kills that list 5 s later, torch's elastic agent (torchrun,
-    multi-process accelerate launch) the workers it started, 30 s later. A child forked after the signal is in
-    neither list, so the checkpoint a stop signal asks for is completed even when this process is killed while
-    waiting (the child holds out_dir's lock until it is done). Not beyond a scheduler that kills a job's whole cgroup
-    (SLURM after KillWait, Kubernetes after terminationGracePeriodSeconds): README says how to give the run that time.
-    fn must use no GPU and no collective: a forked child can use neither. Without fork (Windows) fn runs here."""
+def stop_grace():
+    """(seconds, who, how to give more) for the launcher this worker runs under: how long it waits, after passing a
+    stop signal on, before it kills this process; None without a launcher (python, a notebook) or an unknown one.
+    torch's elastic agent (torchrun, multi-process accelerate launch): TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by
+    default; accelerate 1.16's one-process launcher: 5 s, not configurable."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return (float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")), "torch's elastic agent",
+                "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=<seconds> before launching (torchrun: --shutdown_timeout)")
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return 5.0, "accelerate's one-process launcher", "run the trainer itself (python train_accelerate.py ...)"
+    return None
+
+
+def stop_grace_shortfall(world, step_seconds, save_seconds):
+    """One line when a stop signal could not be honoured within the launcher's grace, else None. What must fit: with
+    several processes the step in progress (they agree at its end) and the save's part before its writer is
+    detached; with one, nothing (the step is abandoned, the writer detached at once) unless the launcher is PID 1,
+    a container's entrypoint, whose exit ends every process of the container, the writer included: then the save."""
+    grace = stop_grace()
+    if grace is None:
+        return None
+    seconds, who, how = grace
+    container = _PARENT_AT_START == 1
+    need = (step_seconds if world > 1 else 0.0) + (save_seconds if world > 1 or container else 0.0)
+    if need <= seconds:
+        return None
+    parts = ([f"a step takes {step_seconds:.1f} s"] if world > 1 else []) + (
+        [f"a checkpoint {save_seconds:.1f} s"] if save_seconds and (world > 1 or container) else [])
+    return (f"warning: {' and '.join(parts)}, more than the {seconds:.0f} s {who} waits after a stop signal before it "
+            f"kills this run{' (PID 1: its exit ends the container)' if container else ''}: a stop signal would "
+            f"end it without a checkpoint of the step it is on; to give it time, {how}")
+
+
+def outliving_the_launcher(fn, on_disk=None):
+    """Runs fn in a detached writer process and waits for it; fn's UserError is raised here. The writer is forked
+    twice (its parent exits at once), so it is no descendant of this process: nothing a launcher kills, now or later,
+    reaches it. accelerate 1.16's one-process launcher lists the process tree when SIGTERM reaches it and kills that
+    list 5 s later, or at once on a second SIGTERM; torch's elastic agent (torchrun, multi-process accelerate launch)
+    kills its workers' process groups after its shutdown timeout (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s): the writer
+    is in neither, in a session of its own, so the checkpoint a stop signal asks for is completed even when this
+    process is killed while waiting (the writer holds out_dir's lock until it is done). Not beyond what ends every
+    process at once: a scheduler that kills a job's whole cgroup (SLURM after KillWait, Kubernetes after
+    terminationGracePeriodSeconds), a container whose PID 1 exits (docs/robustness.md says how to give the run time).
+
+    The writer's hygiene: one intra-op thread (a forked child's parallel op can hang forever on the OpenMP pool its
+    parent used), no GPU device descriptors (they would hold this process's GPU memory until it exits), stdio on
+    /dev/null (the launcher's pipes are gone once it exits). fn must use no GPU and no collective. A writer killed
+    before it is done (the OOM killer) is one UserError: on_disk() says what is on disk then. Without fork (Windows)
+    fn runs here."""
     if not hasattr(os, "fork"):
         return fn()
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: fn, its error text into the pipe, and out without the parent's exit handlers
+    if pid == 0:  # the intermediate: a session of its own, the writer forked, out at once
         os.close(read)
-        # its own session: the elastic agent kills its workers' process groups (killpg) once its grace is over; and
-        # no output: the launcher's stderr pipe is gone once it exits (fn reports through the pipe alone)
         os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        code, message = 0, b""
-        try:
-            fn()
-        except UserError as e:
-            code, message = 2, str(e).encode()
-        except BaseException:  # a bug: its traceback goes to the parent, which raises it
-            import traceback
-
-            code, message = 1, traceback.format_exc().encode()
-        finally:
-            with contextlib.suppress(OSError):
-                os.write(write, message)
-            os._exit(code)
+        if os.fork() != 0:
+            os._exit(0)
+        _run_writer(fn, write)
     os.close(write)
+    os.waitpid(pid, 0)  # the intermediate: its exit makes the writer init's (or a subreaper's) child
     with os.fdopen(read, "rb") as pipe:
-        message = pipe.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code == 2:
+        report = pipe.read().decode(errors="replace")
+    writer, _, rest = report.partition("\n")
+    code, _, message = rest.partition("\n")
+    if code == "2":
         raise UserError(message)
-    if code != 0:
-        raise RuntimeError(f"the checkpoint writer (pid {pid}) failed with exit code {code}:\n{message}")
+    if code == "1":
+        raise RuntimeError(f"the checkpoint writer (pid {writer}) failed:\n{message}")
+    if code != "0":  # the pipe closed with no word: the writer was killed
+        raise UserError(f"the checkpoint writer (pid {writer or '?'}) was killed before it finished "
+                        f"(the OOM killer?); {on_disk() if on_disk else 'nothing more was written'}")
+
+
+def _run_writer(fn, write):
+    """The detached writer: its pid into the pipe, fn, then its result (0, 1 and a traceback, 2 and a UserError's
+    text), and out without the parent's exit handlers."""
+    code, message = 0, ""
+    try:
+        os.write(write, f"{os.getpid()}\n".encode())
+        writer_hygiene()
+        fn()
+    except UserError as e:
+        code, message = 2, str(e)
+    except BaseException:  # a bug: its traceback goes to the parent, which raises it
+        import traceback
+
+        code, message = 1, traceback.format_exc()
+    finally:
+        with contextlib.suppress(OSError):
+            os.write(write, f"{code}\n{message}".encode())
+        os._exit(code)
+
+
+GPU_DEVICES = ("/dev/nvidia", "/dev/dri/", "/dev/kfd")  # NVIDIA's driver, AMD ROCm's
+
+
+def writer_hygiene():
+    """What a forked writer does first: one intra-op thread, the descriptors of GPU devices (paths starting with one
+    of GPU_DEVICES) closed, stdio on /dev/null."""
+    torch.set_num_threads(1)
+    close_descriptors(GPU_DEVICES)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+
+def close_descriptors(prefixes):
+    """Closes this process's file descriptors whose target path starts with one of prefixes; returns how many."""
+    closed = 0
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(prefixes):
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+                closed += 1
+    return closed

@@ -18,14 +18,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import fault_point, save_checkpoint
+from .checkpoint import fault_point, rng_state, save_checkpoint, set_rng_state
 from .config import SHAPE_KEYS, load_config
 from .corpus import data_fingerprint
 from .data import eval_batches, train_batches
 from .errors import UserError, cli_main, first_line
 from .hardware import checked_peak, native_bf16, peak_flops
 from .hub import push_after_save
-from .launch import StopSignals, check_launch, finish, launched_world_size, make_accelerator, together
+from .launch import (
+    StopNow,
+    StopSignals,
+    check_launch,
+    finish,
+    launched_world_size,
+    make_accelerator,
+    stop_grace_shortfall,
+    together,
+)
 from .optim import NS_DTYPES, configure_optimizer, get_lr, set_lr, skip_step_if
 from .resolve import build_model, data_dir_of, resolve_run, restore_training_state
 from .run_dir import RunDir
@@ -137,14 +146,15 @@ def train(cfg, sources=None):
 
     progress = Progress(cfg.max_iters, min(state.iter_num, cfg.max_iters), enabled=accelerator.is_local_main_process)
     say = progress.write  # every message from here on: never on the progress bar's line
-    signals = StopSignals()
+    signals = StopSignals(interrupt=world == 1)  # one process: a stop signal abandons the step in progress
 
     def last_good():
         good = run.latest_checkpoint() if main else None
         return f"the last good checkpoint is {good}" if good else "no checkpoint was written"
 
     def evaluate_and_save(lr, final):
-        losses = estimate_loss(step_model, cfg, accelerator, state.iter_num)
+        with signals.interruptible():
+            losses = estimate_loss(step_model, cfg, accelerator, state.iter_num)
         say(f"step {state.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if _diverged(losses, raw_model.config.vocab_size):
             raise UserError(f"training diverged: val loss {losses['val']:.4g} at iteration {state.iter_num}, so nothing "
@@ -163,6 +173,7 @@ def train(cfg, sources=None):
 
     def checkpoint(final, detach=False):
         say(f"saving checkpoint to {run.checkpoint_path(state.iter_num)}")
+        started = time.perf_counter()
         record = dict(dataclasses.asdict(state), tokens_seen=state.iter_num * tokens_per_iter, world_size=world,
                       config=cfg.to_dict(), tokenizer=tokenizer_signature(tokenizer),
                       model_shape={k: getattr(raw_model.config, k) for k in SHAPE_KEYS})
@@ -170,10 +181,27 @@ def train(cfg, sources=None):
                                state.best_checkpoint, detach=detach):
             raise UserError(f"training diverged: weights are not finite at iteration {state.iter_num}, so nothing was "
                             f"saved; {last_good()}: lower learning_rate (or raise warmup_iters) and resume")
+        timing["save"] = time.perf_counter() - started
         if main:
             push_after_save(cfg, "end" if final else "every_save", say)
 
+    def stop_with_checkpoint(stop):
+        """Checkpoints the last completed step (resume continues bit for bit) and leaves; the files are written by a
+        process the launcher's kill after its grace cannot reach (launch.outliving_the_launcher)."""
+        saved = os.path.exists(os.path.join(run.checkpoint_path(state.iter_num), "MANIFEST.json"))
+        if state.iter_num > 0 and not saved:
+            checkpoint(final=False, detach=True)
+        progress.close()
+        name = signal.Signals(stop).name
+        if state.iter_num == 0:
+            log(f"stopped by {name} before the first step was complete: nothing to save")
+        else:
+            log(f"stopped by {name} at iteration {state.iter_num}: checkpoint {'written' if not saved else 'on disk'};"
+                f" continue with init_from=resume (or the same command with init_from=auto)")
+        raise SystemExit(128 + stop)
+
     bad_steps, running_mfu, pending, alone = 0, None, None, False
+    timing = {"save": 0.0, "grace_said": False}  # the last checkpoint's seconds; whether the grace line was said
     model.train()
     t0 = time.perf_counter()
     try:
@@ -181,46 +209,57 @@ def train(cfg, sources=None):
             losses = estimate_loss(step_model, cfg, accelerator, state.iter_num)
             say(f"step {state.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             return {"iter_num": state.iter_num, "val_loss": losses["val"], "train_loss": losses["train"]}
-        while True:
-            lr = get_lr(state.iter_num, cfg)
-            set_lr(optimizers, lr)
+        try:
+            while True:
+                # where the last completed step left the data and the RNG streams: a step abandoned for a stop
+                # signal (one process) is undone to here before its checkpoint
+                step_start = (train_source.state_dict(), rng_state()) if signals.interrupt else None
+                lr = get_lr(state.iter_num, cfg)
+                set_lr(optimizers, lr)
 
-            # evaluate the loss on train/val sets and write checkpoints; the last iteration always
-            done = state.iter_num >= cfg.max_iters
-            if (state.iter_num % cfg.eval_interval == 0 or done) and state.iter_num != resume_iter:
-                evaluate_and_save(lr, final=done)
-            if done:
-                break
+                # evaluate the loss on train/val sets and write checkpoints; the last iteration always
+                done = state.iter_num >= cfg.max_iters
+                if (state.iter_num % cfg.eval_interval == 0 or done) and state.iter_num != resume_iter:
+                    evaluate_and_save(lr, final=done)
+                if done:
+                    break
 
-            # forward backward update, with optional gradient accumulation to simulate larger batch size
-            step_loss, grad_norm, flags = optimizer_step(accelerator, model, step_model, optimizers, train_source, gas,
-                                                         cfg.grad_clip, signals.received, journal.failed)
-            # on a GPU the flags are read one step later, when they are long done; on a CPU they are ready now, so a
-            # stop signal is acted on at the end of the step it arrived in
-            flagged = (state.iter_num, *_to_host(flags))
-            previous, pending = (pending, flagged) if flagged[2] is not None else (flagged, None)
+                # forward backward update, with optional gradient accumulation to simulate larger batch size
+                step_loss, grad_norm, flags = optimizer_step(accelerator, model, step_model, optimizers, train_source,
+                                                             gas, cfg.grad_clip, signals, journal.failed)
+                # on a GPU the flags are read one step later, when they are long done; on a CPU they are ready now,
+                # so a stop signal is acted on at the end of the step it arrived in
+                flagged = (state.iter_num, *_to_host(flags))
+                previous, pending = (pending, flagged) if flagged[2] is not None else (flagged, None)
 
-            t1 = time.perf_counter()
-            dt, t0 = t1 - t0, t1
-            state.iter_num += 1
-            progress.step()
-            if (state.iter_num - 1) % cfg.log_interval == 0:
-                if peak and state.iter_num - 1 - (resume_iter or 0) >= 5:  # let the training loop settle a bit
-                    peak = checked_peak(peak, flops_per_iter / dt, accelerator.device, peak_dtype, say)
-                    if peak:
-                        mfu_now = flops_per_iter / dt / peak
-                        running_mfu = mfu_now if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu_now
-                # mfu None: not known yet, or no trustworthy peak (an unknown GPU, a CPU's depressed measurement)
-                log_step(accelerator, journal, progress, state.iter_num - 1, step_loss, grad_norm, lr, dt,
-                         tokens_per_iter, running_mfu if peak else None)
-            bad_steps, stop = _act_on(previous, bad_steps, cfg, journal, signals, say, last_good)
-            if stop:  # preemption: the step is done; checkpoint it and leave (resume continues bit for bit), the
-                # files written by a process the launcher's kill after its grace cannot cut short
-                checkpoint(final=False, detach=True)
-                progress.close()
-                log(f"stopped by {signal.Signals(stop).name} at iteration {state.iter_num}: checkpoint written; continue "
-                    f"with init_from=resume (or the same command with init_from=auto)")
-                raise SystemExit(128 + stop)
+                t1 = time.perf_counter()
+                dt, t0 = t1 - t0, t1
+                state.iter_num += 1
+                progress.step()
+                if (state.iter_num - 1) % cfg.log_interval == 0:
+                    if peak and state.iter_num - 1 - (resume_iter or 0) >= 5:  # let the training loop settle a bit
+                        peak = checked_peak(peak, flops_per_iter / dt, accelerator.device, peak_dtype, say)
+                        if peak:
+                            mfu_now = flops_per_iter / dt / peak
+                            running_mfu = mfu_now if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu_now
+                    # mfu None: not known yet, or no trustworthy peak (an unknown GPU, a CPU's depressed measurement)
+                    log_step(accelerator, journal, progress, state.iter_num - 1, step_loss, grad_norm, lr, dt,
+                             tokens_per_iter, running_mfu if peak else None)
+                if not timing["grace_said"] and state.iter_num - (resume_iter or 0) > 2:  # past the first steps' warm-up
+                    shortfall = stop_grace_shortfall(world, dt, timing["save"])
+                    if shortfall:
+                        say(shortfall)
+                        timing["grace_said"] = True
+                bad_steps, stop = _act_on(previous, bad_steps, cfg, journal, signals, say, last_good)
+                if stop:  # preemption, agreed by every rank: the step is done; checkpoint it and leave
+                    stop_with_checkpoint(stop)
+        except StopNow as stopped:  # one process: the step or evaluation in progress is dropped, nothing of it kept
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            model.train()
+            train_source.load_state_dict(step_start[0])
+            set_rng_state(step_start[1])
+            stop_with_checkpoint(stopped.args[0])
         together(accelerator, _raise_if(journal.failed))
         progress.close()
         log(f"done: trained to iteration {state.iter_num}, val loss {state.val_loss:.4f} at iteration "
@@ -264,24 +303,26 @@ def _take_out_dir(run, model, log):
     run.repair_model(log)
 
 
-def optimizer_step(accelerator, model, step_model, optimizers, train_source, gas, grad_clip, stop_signal,
-                   journal_failed):
+def optimizer_step(accelerator, model, step_model, optimizers, train_source, gas, grad_clip, signals, journal_failed):
     """One iteration's forward and backward over gas micro-batches, the clip, and the optimizers' step. Returns
-    (the mean loss, the gradient norm, the flags every rank agreed on), all on the device: the host reads nothing."""
+    (the mean loss, the gradient norm, the flags every rank agreed on), all on the device: the host reads nothing.
+    Up to the optimizers' step nothing is changed but gradients, the data position and the RNG streams: a stop
+    signal may abandon that part (signals.interruptible, one process)."""
     loss_sum = torch.zeros((), device=accelerator.device)
-    for _ in range(gas):
-        fault_point("step")
-        x, y = (t.to(accelerator.device, non_blocking=True) for t in train_source.next_batch())
-        with accelerator.accumulate(model), accelerator.autocast():
-            loss = step_model(x, shift_labels=y, use_cache=False).loss
-            accelerator.backward(loss)  # divided by the per-process accumulation inside
-        loss_sum += loss.detach().float()
-    grad_norm = _plain(accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
-    step_loss = loss_sum / gas
-    # one reduction decides for every rank: a non-finite loss or gradient anywhere skips the step everywhere (on the
-    # device, where the optimizers can: no waiting for the GPU); a stop signal or a failed journal write anywhere
-    # stops every rank
-    flags = _agree(accelerator, step_loss, grad_norm, stop_signal, journal_failed)
+    with signals.interruptible():
+        for _ in range(gas):
+            fault_point("step")
+            x, y = (t.to(accelerator.device, non_blocking=True) for t in train_source.next_batch())
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = step_model(x, shift_labels=y, use_cache=False).loss
+                accelerator.backward(loss)  # divided by the per-process accumulation inside
+            loss_sum += loss.detach().float()
+        grad_norm = _plain(accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
+        step_loss = loss_sum / gas
+        # one reduction decides for every rank: a non-finite loss or gradient anywhere skips the step everywhere (on
+        # the device, where the optimizers can: no waiting for the GPU); a stop signal or a failed journal write
+        # anywhere stops every rank
+        flags = _agree(accelerator, step_loss, grad_norm, signals.received, journal_failed)
     bad = (flags[0] > 0).float()  # 0/1: fused AdamW's found_inf must be exactly 1 to skip
     if accelerator.scaler is not None or skip_step_if(optimizers, bad) or bad.item() == 0:
         for optimizer in optimizers:

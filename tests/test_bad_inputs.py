@@ -133,7 +133,6 @@ def test_folders_and_values_users_receive_are_one_line(tmp_path, char_data, fini
     malformed JSON line in --stream_files, an empty val.bin and an unwritable --output for nanogpt-eval (before the
     evaluation), an unwritable export destination, and a resume's shape checked against the run's own n_head."""
     import json
-    import time
 
     from nanogpt_hf.evaluate import main as eval_main
     from nanogpt_hf.export import main as export_main
@@ -143,11 +142,10 @@ def test_folders_and_values_users_receive_are_one_line(tmp_path, char_data, fini
     config = json.load(open(huge / "config.json"))
     json.dump({**config, "n_layer": 1_000_000_000}, open(huge / "config.json", "w"))
     refused = "its config.json describes a model of 1.27e+13 parameters"
-    t0 = time.monotonic()
+    # refused from the config alone: building 1.27e13 parameters would end this process (out of memory), not refuse
     assert_cli_error(sample_main, ["--out_dir", str(huge), "--max_new_tokens", "3"], refused, capsys)
     assert_cli_error(eval_main, ["--init_from", str(huge), "--data_dir", char_data], refused, capsys)
     assert_cli_error(train_main, train_args(tmp_path / "ft", char_data, f"--init_from={huge}"), refused, capsys)
-    assert time.monotonic() - t0 < 10
     listed = tmp_path / "listed"
     shutil.copytree(finished_run, listed)
     (listed / "config.json").write_text("[1, 2]")
@@ -158,10 +156,9 @@ def test_folders_and_values_users_receive_are_one_line(tmp_path, char_data, fini
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(levels) + "\nstream_files: [" + ", ".join(["*g"] * 9) + "]\n")
     aliases = "anchors and aliases (& and *) are not allowed in a config"
-    t0 = time.monotonic()
+    # refused by the anchor check, before anything is expanded (9^7 strings otherwise)
     assert_cli_error(train_main, ["--config", str(bomb), f"--out_dir={tmp_path / 'b'}"], aliases, capsys)
     assert_cli_error(train_main, ["--stream_files=&a [1,*a]", f"--out_dir={tmp_path / 'b'}"], aliases, capsys)
-    assert time.monotonic() - t0 < 5
     assert_cli_error(train_main, ["--stream_files=[1,[2]]", f"--out_dir={tmp_path / 'b'}"],
                      "stream_files must be a list of strings", capsys)
     bad_jsonl = tmp_path / "bad.jsonl"

@@ -2,7 +2,6 @@
 issue it covers, and compares with transformers' own GPT-2 (`to_gpt2()`, the same function) wherever it can."""
 
 import os
-import time
 
 import pytest
 import torch
@@ -366,14 +365,14 @@ def test_8_lm_eval_generate_until_runs_on_a_char_model(char_folder):
 @pytest.mark.parametrize("kind", ["bpe", "char"])
 def test_9_autotokenizer_loads_a_model_folders_tokenizer_without_a_prompt(kind, bpe_folder, char_folder):
     folder = bpe_folder if kind == "bpe" else char_folder
-    start = time.time()
+    # stdin is /dev/null: a trust_remote_code prompt would print its question and fail at once on end of input
     proc = run_python(f"""
         import nanogpt_hf
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained({str(folder)!r})
         print(type(tok).__name__, tok.padding_side)
         """)
-    assert "custom code" not in proc.stdout + proc.stderr and time.time() - start < 14  # the prompt waits 15 s
+    assert "custom code" not in proc.stdout + proc.stderr
     assert proc.stdout.split()[1] == "left"
 
 

@@ -57,13 +57,15 @@ def test_single_process_run_writes_a_usable_out_dir(tmp_path, char_data):
 def test_one_ranks_error_ends_a_ddp_run_at_once_and_is_shown(tmp_path, char_data):
     """Rank 1 raises in its 5th forward (as a CUDA out-of-memory error on one GPU does) while rank 0 waits in the
     gradient all-reduce: rank 1 leaves at once with one line naming it (no collective after the error), the
-    launcher stops rank 0 and exits non-zero well within a minute, the error text in its output."""
+    launcher stops rank 0 and exits non-zero at once (not after the collective timeout), the error text in its
+    output."""
     env = {"NANOGPT_RAISE_AT": "step@5", "NANOGPT_KILL_RANK": "1"}
     launcher = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp.yaml")]
     t0 = time.time()
     proc = run_train(tmp_path / "out", char_data, "--max_iters=50", "--gradient_accumulation_steps=2",
                      launcher=launcher, env=env, check=False)
-    assert proc.returncode != 0 and time.time() - t0 < 60
+    # not after gloo's collective timeout (30 min): the bound says that, with room for a loaded machine's start-up
+    assert proc.returncode != 0 and time.time() - t0 < 300
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: rank 1 stopped the run")]
     assert len(lines) == 1 and "RuntimeError: injected fault at step@5" in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr.split("error: rank 1")[0]  # the worker's own output: one line, no traceback

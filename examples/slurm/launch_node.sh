@@ -22,6 +22,11 @@ else
   extra=()
   (( per_node > 0 )) || { echo "error: no GPU on $(hostname); set NANOGPT_PROCS_PER_NODE, or NANOGPT_CPU=1" >&2; exit 2; }
 fi
+# A stop signal (train.sbatch's --signal=TERM@120, scancel --signal=TERM, preemption): torch's elastic agent passes it
+# to the workers, which finish their step and checkpoint it; their writer is detached, but this task ending makes
+# slurmstepd kill everything left in the step, the writer included. So the agent waits for its workers up to 100 s
+# instead of its default 30 (the workers wait for their writer), within the 120 s SLURM gives before the kill.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
 echo "node $node_rank of $nodes: $per_node processes, main $main_addr:$main_port"
 # --mixed_precision no: precision is the trainer's dtype key (bf16 where the GPU has it), not the launcher's
 exec python3 -m accelerate.commands.launch --multi_gpu --num_machines "$nodes" --machine_rank "$node_rank" \
