@@ -46,8 +46,11 @@ def fault_point(name):
     the N-th time) SIGKILLs this process right here, exactly like a power cut or the OOM killer would;
     NANOGPT_RAISE_AT=name@N raises a RuntimeError there, as a CUDA out-of-memory error on one GPU does;
     NANOGPT_DELAY_AT=name:seconds waits there every time, like a slow disk, name@N:seconds the N-th time only, like
-    one long step (a comma list: several). Does nothing unless a variable is set."""
-    for delay in filter(None, os.environ.get("NANOGPT_DELAY_AT", "").split(",")):
+    one long step (a comma list: several), on every rank or on NANOGPT_DELAY_RANK's alone. Does nothing unless a
+    variable is set."""
+    delay_rank = os.environ.get("NANOGPT_DELAY_RANK")
+    delays = os.environ.get("NANOGPT_DELAY_AT", "") if delay_rank in (None, os.environ.get("RANK", "0")) else ""
+    for delay in filter(None, delays.split(",")):
         where, _, seconds = delay.partition(":")
         label, _, nth = where.partition("@")
         if label == name:

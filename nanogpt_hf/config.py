@@ -129,6 +129,8 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model (falls back with a warning where unavailable)")
     seed: int = setting(1337, "random seed (weights, data order, dropout)", "seed")
     max_bad_steps: int = setting(10, "non-finite steps in a row before the run stops", "positive")
+    ddp_timeout: int = setting(1800, "seconds a process waits in a collective for the others (a peer writing a "
+                                     "checkpoint, a node gone) before the run stops; transformers' name", "positive")
     # logging
     wandb_log: bool = setting(False, "log to Weights & Biases (needs WANDB_API_KEY, or WANDB_MODE=offline)")
     wandb_project: str = setting("owt", "W&B project")
@@ -338,7 +340,7 @@ def load_config(argv=()):
 # Keys a checkpoint never decides: how this command starts, what it may trust, where it writes and what it publishes
 # (the folder being resumed into, the Hub, trackers' destinations). They come from this command and its YAML only,
 # so a checkpoint made elsewhere (pulled from the Hub, copied from another machine) cannot redirect a run.
-COMMAND_KEYS = ("out_dir", "eval_only", "allow_data_change", "trust_remote_code",
+COMMAND_KEYS = ("out_dir", "eval_only", "allow_data_change", "trust_remote_code", "ddp_timeout",
                 "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "hub_push_training_state",
                 "wandb_log", "wandb_project", "wandb_run_name", "loggers")
 

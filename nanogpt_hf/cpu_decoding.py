@@ -42,7 +42,7 @@ __all__ = ["KERNEL_ENV", "KERNELS", "chosen_kernels", "decoding_linear", "forced
 KERNEL_ENV = "NANOGPT_DECODING_KERNEL"
 # A decoding step multiplies one row per sequence; past 16 rows the product is a GEMM, which F.linear is made for
 MAX_ROWS = 16
-SAMPLES = 5  # timed calls per candidate; the first of each is a warm-up and does not count
+SAMPLES = 8  # timed calls per candidate; the first of each is a warm-up and does not count
 BLOCKS_PER_THREAD = 2  # the row blocks: two a thread keep both halves of each core's work in flight
 COPY_SHARE = 4  # the transposed copies may take at most 1/COPY_SHARE of the memory available when a shape is timed
 

@@ -10,6 +10,10 @@ The trainer pushes by itself with --push_to_hub=true. The token comes from the e
 import argparse
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import yaml
 
@@ -17,10 +21,11 @@ from .config import TrainConfig
 from .config_yaml import read_yaml
 from .errors import UserError, cli_main
 from .fileio import atomic_path
-from .run_dir import RunDir
+from .run_dir import PUSH_PREFIX, RunDir
 from .sources import cache_only_if_hub_unreachable
 
-__all__ = ["model_card", "push_run", "push_after_save", "download_training_state", "MODEL_FILES", "main"]
+__all__ = ["model_card", "push_run", "push_after_save", "wait_for_pushes", "download_training_state", "MODEL_FILES",
+           "main"]
 
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "*.py", "tokenizer*", "vocab.json",
                "merges.txt", "special_tokens_map.json", "added_tokens.json", "README.md", "train_config.yaml",
@@ -110,22 +115,23 @@ def merged_card(existing, card):
     return front + before + ours.rstrip("\n") + "\n" + ("\n" + after if after.strip() else "")
 
 
-def push_run(cfg, include_training_state=False, api=None):
-    """Uploads out_dir's model folder (+ model card) and optionally the latest checkpoint to hub_model_id.
-    Any failure (network, access) is one UserError with the whole reason."""
+def push_run(cfg, include_training_state=False, api=None, folder=None):
+    """Uploads the model folder (+ model card) and optionally the latest checkpoint of folder (default: out_dir) to
+    hub_model_id. Any failure (network, access) is one UserError with the whole reason."""
     from huggingface_hub import HfApi
 
     api = api or HfApi()
-    run = RunDir(cfg.out_dir)
+    folder = folder or cfg.out_dir
+    run = RunDir(folder)
     ckpt = run.latest_checkpoint()
     state = run.latest_state(ckpt)
-    path = os.path.join(cfg.out_dir, "README.md")
+    path = os.path.join(folder, "README.md")
     existing = open(path, encoding="utf-8").read() if os.path.isfile(path) else None
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(merged_card(existing, model_card(cfg, state)))
     try:
         api.create_repo(cfg.hub_model_id, private=cfg.hub_private, exist_ok=True)
-        api.upload_folder(repo_id=cfg.hub_model_id, folder_path=cfg.out_dir, allow_patterns=MODEL_FILES,
+        api.upload_folder(repo_id=cfg.hub_model_id, folder_path=folder, allow_patterns=MODEL_FILES,
                           ignore_patterns=["*/*"],  # top-level files only: not checkpoints/, wandb/, tensorboard logs
                           commit_message=f"nanogpt-hf: iteration {state['iter_num'] if state else 0}")
         if include_training_state and ckpt:
@@ -138,16 +144,71 @@ def push_run(cfg, include_training_state=False, api=None):
     return cfg.hub_model_id
 
 
-def push_after_save(cfg, when, say):
-    """The trainer's push after a save (hub_strategy every_save) or at the end. A failed push leaves the run intact,
-    says so in one line, and is tried again at the next save."""
+def push_after_save(cfg, when, say, pushes):
+    """The trainer's push after a save (hub_strategy every_save) or at the end, in a process of its own: the run goes
+    on while it uploads, and with several processes no rank waits in a collective for an upload (a gpt2-xl push with
+    its training state, ~19 GB, outlasts NCCL's 10-minute timeout below ~30 MB/s). What it uploads is staged first:
+    out_dir's model files and newest checkpoint as they are now, hard links (a later save replaces files, never
+    changes them). pushes: the trainer's list of pushes under way; one still uploading at an every_save push means
+    this one is skipped (the next save's, or the end's, is newer). A failed push is one line when its result is read
+    (at the next save or the end); the run is intact and the next save pushes again. The end's is waited for after
+    the run's last collective (wait_for_pushes)."""
     if not cfg.push_to_hub or (when == "every_save" and cfg.hub_strategy != "every_save"):
         return
+    _report_finished(pushes, cfg, say)
+    if pushes and when == "every_save":
+        return
+    staging = _stage(cfg.out_dir)
+    command = [sys.executable, "-m", "nanogpt_hf.hub", "push", staging, cfg.hub_model_id, "--staged",
+               *([] if cfg.hub_private else ["--public"]), *(["--training_state"] if cfg.hub_push_training_state else [])]
+    pushes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True))
+
+
+def wait_for_pushes(pushes, cfg, say):
+    """Waits for the pushes under way (the run's last one), saying so; a failed one is one line."""
+    for proc in pushes:
+        if proc.poll() is None:
+            say(f"waiting for the push to {cfg.hub_model_id} to finish")
+        proc.wait()
+    _report_finished(pushes, cfg, say)
+
+
+def _report_finished(pushes, cfg, say):
+    """Drops the finished pushes from the list; a failed one is one line."""
+    for proc in [p for p in pushes if p.poll() is not None]:
+        pushes.remove(proc)
+        if proc.returncode != 0:
+            lines = [line for line in proc.stderr.read().splitlines() if line.strip()]
+            reason = next((line[len("error: "):] for line in lines if line.startswith("error: ")),
+                          lines[-1] if lines else f"exit code {proc.returncode}")
+            say(f"warning: push to {cfg.hub_model_id} failed ({reason}); the run is intact and the push is retried "
+                f"at the next save")
+        proc.stderr.close()
+
+
+def _stage(out_dir):
+    """A snapshot of out_dir's top-level files and newest checkpoint for a push, in out_dir/.push-* (the push removes
+    it when done): the large files and the checkpoint's hard links where the filesystem has them (a save replaces
+    them, never writes into them), the rest copied."""
+    run = RunDir(out_dir)
+    staging = tempfile.mkdtemp(prefix=PUSH_PREFIX, dir=out_dir)
+    for name in os.listdir(out_dir):
+        source = os.path.join(out_dir, name)
+        if os.path.isfile(source) and not name.startswith("."):  # small files copied: the journal grows in place
+            stage = _link_or_copy if os.path.getsize(source) > (16 << 20) else shutil.copy2
+            stage(source, os.path.join(staging, name))
+    ckpt = run.latest_checkpoint()
+    if ckpt:
+        shutil.copytree(ckpt, os.path.join(staging, "checkpoints", os.path.basename(ckpt)), copy_function=_link_or_copy)
+    return staging
+
+
+def _link_or_copy(source, dest):
     try:
-        push_run(cfg, include_training_state=cfg.hub_push_training_state)
-    except UserError as e:
-        say(f"warning: push to {cfg.hub_model_id} failed ({e}); the run is intact and the push is retried at the "
-            f"next save")
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
 
 
 def download_training_state(repo_id):
@@ -182,6 +243,7 @@ def main(argv=None):
     push.add_argument("repo_id", help="the Hub repository, e.g. your-name/my-gpt")
     push.add_argument("--public", action="store_true", help="create the repository public (default: private)")
     push.add_argument("--training_state", action="store_true", help="also push the latest checkpoint (to resume)")
+    push.add_argument("--staged", action="store_true", help=argparse.SUPPRESS)  # the trainer's: a copy, removed after
     pull = sub.add_parser("pull", help="download a pushed run's training state; prints its folder")
     pull.add_argument("repo_id")
     args = p.parse_args(argv)
@@ -189,8 +251,14 @@ def main(argv=None):
         print(download_training_state(args.repo_id))
         return
     cfg = _config_of(args.out_dir)
-    cfg.out_dir, cfg.hub_model_id, cfg.hub_private = args.out_dir, args.repo_id, not args.public
-    print(f"pushed {args.out_dir} to {push_run(cfg, include_training_state=args.training_state)}")
+    if not args.staged:  # a staged copy (the trainer's push) keeps the run's own out_dir in its card
+        cfg.out_dir = args.out_dir
+    cfg.hub_model_id, cfg.hub_private = args.repo_id, not args.public
+    try:
+        print(f"pushed {args.out_dir} to {push_run(cfg, args.training_state, folder=args.out_dir)}")
+    finally:
+        if args.staged:
+            shutil.rmtree(args.out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -104,8 +104,8 @@ def make_accelerator(cfg, trackers):
     gpu = on_gpu(cfg)
     _die_with_parent()
     _join_elastic_restart(gpu)
-    try:
-        state = PartialState(cpu=not gpu)
+    try:  # the process group: its collectives wait ddp_timeout for a peer (torch's defaults: NCCL 10 min, gloo 30)
+        state = PartialState(cpu=not gpu, timeout=datetime.timedelta(seconds=cfg.ddp_timeout))
     except ValueError as e:  # e.g. WORLD_SIZE set by hand without MASTER_ADDR
         raise UserError(f"cannot join the process group: {str(e).splitlines()[0]} (launch with accelerate launch or "
                         f"torchrun)") from e

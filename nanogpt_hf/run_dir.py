@@ -30,6 +30,7 @@ __all__ = ["RunDir"]
 
 MODEL_TMP_PREFIX = ".model-tmp-"
 TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"  # a checkpoint being written; an older copy being replaced
+PUSH_PREFIX = ".push-"  # what a Hub push uploads, staged (hub.push_after_save); the push removes it when done
 ATOMIC_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # fileio.atomic_path's temporary names
 
 

@@ -24,7 +24,7 @@ from .corpus import data_fingerprint
 from .data import eval_batches, train_batches
 from .errors import UserError, cli_main, first_line
 from .hardware import checked_peak, native_bf16, peak_flops
-from .hub import push_after_save
+from .hub import push_after_save, wait_for_pushes
 from .launch import (
     StopNow,
     StopSignals,
@@ -183,7 +183,7 @@ def train(cfg, sources=None):
                             f"saved; {last_good()}: lower learning_rate (or raise warmup_iters) and resume")
         timing["save"] = time.perf_counter() - started
         if main:
-            push_after_save(cfg, "end" if final else "every_save", say)
+            push_after_save(cfg, "end" if final else "every_save", say, pushes)
 
     def stop_with_checkpoint(stop):
         """Checkpoints the last completed step (resume continues bit for bit) and leaves; the files are written by a
@@ -200,7 +200,8 @@ def train(cfg, sources=None):
                 f" continue with init_from=resume (or the same command with init_from=auto)")
         raise SystemExit(128 + stop)
 
-    bad_steps, running_mfu, pending, alone = 0, None, None, False
+    bad_steps, running_mfu, pending, alone, completed = 0, None, None, False, False
+    pushes = []  # Hub pushes under way (processes of their own): the run does not wait for them until its end
     timing = {"save": 0.0, "grace_said": False}  # the last checkpoint's seconds; whether the grace line was said
     model.train()
     t0 = time.perf_counter()
@@ -262,6 +263,7 @@ def train(cfg, sources=None):
             stop_with_checkpoint(stopped.args[0])
         together(accelerator, _raise_if(journal.failed))
         progress.close()
+        completed = True
         log(f"done: trained to iteration {state.iter_num}, val loss {state.val_loss:.4f} at iteration "
             f"{state.eval_iter} (best {state.best_val_loss:.4f}); {run.summary() if main else ''}")
         return {"iter_num": state.iter_num, "val_loss": state.val_loss, "best_val_loss": state.best_val_loss}
@@ -284,6 +286,8 @@ def train(cfg, sources=None):
             with plain_output():  # the trackers' closing lines
                 finish(accelerator)
             forget_ended_trackio_run()
+        if completed and pushes:  # after the last collective: no other rank waits for the upload
+            wait_for_pushes(pushes, cfg, log)
         run.release()
 
 

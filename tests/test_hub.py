@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ class HubStandIn(http.server.BaseHTTPRequestHandler):
     POST /api/repos/create, /api/models/{repo}/preupload/{rev}, /api/models/{repo}/commit/{rev}. Files land in
     `root`; every request is recorded with its Authorization header."""
 
-    root, requests = None, []
+    root, requests, commit_delay = None, [], 0.0
 
     def log_message(self, *args):
         pass
@@ -65,6 +66,7 @@ class HubStandIn(http.server.BaseHTTPRequestHandler):
                 return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                                    for f in files]})
             if action == "commit":
+                time.sleep(type(self).commit_delay)  # a slow upload
                 for line in body.splitlines():
                     item = json.loads(line)
                     if item["key"] == "file":
@@ -79,7 +81,7 @@ class HubStandIn(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub_server(tmp_path):
-    HubStandIn.root, HubStandIn.requests = str(tmp_path / "hub"), []
+    HubStandIn.root, HubStandIn.requests, HubStandIn.commit_delay = str(tmp_path / "hub"), [], 0.0
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubStandIn)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -130,6 +132,28 @@ def test_training_run_pushes_through_the_real_upload_code(hub_server, tmp_path, 
         if os.path.isfile(path):
             assert token.encode() not in open(path, "rb").read(), path
     assert token not in proc.stdout + proc.stderr
+
+
+def test_a_slow_push_keeps_no_rank_waiting_in_a_collective(hub_server, tmp_path, char_data):
+    """Two processes, every_save pushes, and an upload (each commit) slower than the run's ddp_timeout (8 s against
+    5): the push runs in a process of its own, so rank 1 never waits in an all-reduce for rank 0's upload; the run
+    trains to its end, waits for its last push after its last collective, and the Hub holds the final iteration."""
+    endpoint, hub_root = hub_server
+    HubStandIn.commit_delay = 8.0
+    out = tmp_path / "out"
+    env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_x", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+    launcher = ["accelerate", "launch", "--config_file", os.path.join(os.path.dirname(TRAIN), "accelerate_configs",
+                                                                        "cpu_ddp.yaml")]
+    proc = run_cli([*launcher, TRAIN, *train_args(out, char_data, "--max_iters=60", "--eval_interval=20",
+                                                    "--gradient_accumulation_steps=2", "--ddp_timeout=5",
+                                                    "--push_to_hub=true", "--hub_model_id=me/baby-gpt",
+                                                    "--hub_strategy=every_save")], env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout and "waiting for the push to me/baby-gpt to finish" in proc.stdout
+    assert [r["iter"] for r in read_log(out) if "train/loss" in r] == list(range(60))
+    card = open(hub_root / "me" / "baby-gpt" / "README.md").read()
+    assert "| iterations | 60 |" in card  # the last push, done before the run ended
+    assert not [n for n in os.listdir(out) if n.startswith(".push-")]  # each push removed what it staged
 
 
 def test_a_push_keeps_the_evaluation_nanogpt_eval_added_to_the_card(hub_server, run, tmp_path, char_data):

@@ -54,6 +54,20 @@ def test_single_process_run_writes_a_usable_out_dir(tmp_path, char_data):
     assert plain.keys() == recomputed.keys() and all(abs(plain[k] - recomputed[k]) < 1e-6 for k in plain)
 
 
+@pytest.mark.slow
+def test_ddp_timeout_is_how_long_a_collective_waits_for_a_stalled_peer(tmp_path, char_data):
+    """Rank 1 stalls 20 s in its 4th step (a slow disk, a peer's long save) while rank 0 waits in the all-reduce:
+    with --ddp_timeout=5 the process group's wait ends after 5 s (gloo says 5000ms) and the run stops with one line
+    per rank instead of waiting torch's default (30 min on gloo, 10 on NCCL)."""
+    launcher = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp.yaml")]
+    stall = {"NANOGPT_DELAY_AT": "step@4:20", "NANOGPT_DELAY_RANK": "1"}
+    short = run_train(tmp_path / "short", char_data, "--max_iters=8", "--gradient_accumulation_steps=2",
+                      "--ddp_timeout=5", launcher=launcher, env=stall, check=False)
+    assert short.returncode != 0 and "Traceback" not in short.stderr, short.stderr[-3000:]
+    assert "another process of this run stopped" in short.stderr or "rank 0 stopped the run" in short.stderr
+    assert "Timed out waiting 5000ms" in short.stderr
+
+
 def test_one_ranks_error_ends_a_ddp_run_at_once_and_is_shown(tmp_path, char_data):
     """Rank 1 raises in its 5th forward (as a CUDA out-of-memory error on one GPU does) while rank 0 waits in the
     gradient all-reduce: rank 1 leaves at once with one line naming it (no collective after the error), the

@@ -15,8 +15,11 @@ from .common import SHAPES, interleaved, models_of_shape, timed
 
 # the endpoint's rows: our model through nanogpt-serve, and GPT2LMHeadModel through the same server
 OURS_SERVED, GPT2_SERVED = "nanogpt-serve /v1/completions", "GPT2LMHeadModel transformers serve"
-PLAIN_LINEAR = "generate, every product F.linear"  # our generate with the kernels' choice off
-SERVED_LINEAR = "nanogpt-serve, every product F.linear"  # the endpoint with it off (NANOGPT_DECODING_KERNEL)
+# each of our fp32 paths again with the kernels' choice off (every product F.linear), run beside it
+PLAIN = ", every product F.linear"
+FAST_PATHS = ("generate", "generate, static cache", "seed API generate(idx, n, top_k=1)", "nanogpt-sample loop",
+              "pipeline")
+PLAIN_LINEAR, SERVED_LINEAR = "generate" + PLAIN, OURS_SERVED + PLAIN  # the endpoint's: NANOGPT_DECODING_KERNEL
 
 
 def _tokenizer_for(vocab_size, block_size):
@@ -63,13 +66,8 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
     def sample_loop():
         return torch.cat([prompt, *sample_tokens(ours, prompt, new_tokens, top_k=1)], dim=1)
 
-    def plain_linear():
-        with forced_kernel("linear"):
-            return ours.generate(prompt, **kw)
-
     fns = {
         "GPT2LMHeadModel generate": lambda: ref.generate(prompt, **kw),
-        PLAIN_LINEAR: plain_linear,
         "GPT2LMHeadModel generate, sampling top_k=1": lambda: ref.generate(prompt, **sampling),
         "generate": lambda: ours.generate(prompt, **kw),
         "GPT2LMHeadModel generate, static cache": lambda: ref.generate(prompt, cache_implementation="static", **kw),
@@ -79,6 +77,12 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
         "GPT2LMHeadModel pipeline": lambda: pipes["gpt2"](text, **pipe_kw),
         "pipeline": lambda: pipes["ours"](text, **pipe_kw),
     }
+    with_plain = {}
+    for name, fn in fns.items():  # each of our fp32 paths followed by its twin with the kernels' choice off
+        with_plain[name] = fn
+        if name in FAST_PATHS:
+            with_plain[name + PLAIN] = _plain(fn, forced_kernel)
+    fns = with_plain
     if compiled:
         from transformers import CompileConfig
 
@@ -113,11 +117,8 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
         times = interleaved(fns, device, warmup, repeats)
     tps = {k: new_tokens / statistics.median(v) for k, v in times.items()}
     def reference(name):  # GPT-2 doing the same work: pipeline, static cache, sampling, the same server
+        name = name.removesuffix(PLAIN)
         if name == OURS_SERVED:
-            return tps[GPT2_SERVED]
-        if name == PLAIN_LINEAR:
-            return tps["GPT2LMHeadModel generate"]
-        if name == SERVED_LINEAR:
             return tps[GPT2_SERVED]
         if "pipeline" in name:
             return tps["GPT2LMHeadModel pipeline"]
@@ -150,10 +151,7 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
         bound_without_draw = {k: statistics.median(per_token[k] / rates[0] / max(seconds / new_tokens - draw, 1e-9)
                                                    for seconds, rates in runs[k]) for k in runs if _samples(k)}
     # our fp32 decoding paths against plain F.linear decoding of the same model: what the kernels' choice gains
-    vs_plain = {k: tps[k] / tps[PLAIN_LINEAR] for k in tps if not k.startswith("GPT2LMHeadModel")
-                and "int8" not in k and k not in (PLAIN_LINEAR, OURS_SERVED, SERVED_LINEAR)}
-    if SERVED_LINEAR in tps:  # the endpoint against itself with the choice off
-        vs_plain[OURS_SERVED] = tps[OURS_SERVED] / tps[SERVED_LINEAR]
+    vs_plain = {k: tps[k] / tps[k + PLAIN] for k in (*FAST_PATHS, OURS_SERVED) if k + PLAIN in tps}
     return {"what": "generate", "shape": shape_name, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1,
             "vocab_size": shape["vocab_size"],
             "tokens_per_s": tps, "vs_GPT2LMHeadModel": {k: tps[k] / reference(k) for k in tps
@@ -165,6 +163,14 @@ def bench_generate(device, shape_name="baby", prompt_len=16, new_tokens=256, war
                         for label, (name, medians) in chosen_kernels().items()},
             "of_bandwidth_bound_without_draw": bound_without_draw,
             "same_tokens_fp32_paths": same}
+
+
+def _plain(fn, forced_kernel):
+    """fn with every decoding product F.linear (the kernels' choice off)."""
+    def run():
+        with forced_kernel("linear"):
+            return fn()
+    return run
 
 
 def _samples(name):
