@@ -117,10 +117,22 @@ def test_the_choice_is_the_candidate_measured_fastest(two_threads, fresh_choices
             torch.testing.assert_close(decoding_linear(x, weight, bias), F.linear(x, weight, bias),
                                        rtol=FP32_RTOL, atol=FP32_ATOL)
         (label, (chosen, medians)), = cpu_decoding.chosen_kernels().items()
-        assert label == "1536 x 384, 1 row, bias, 2 threads"
+        assert label == "1536 x 384, 1 row, bias"
         assert chosen == order[0] and medians == {name: 1e-3 * (1 + r) for r, name in enumerate(order)}
         assert ops_run(lambda: decoding_linear(x, weight, bias)) & KERNEL_OPS[order[0]]
         assert (weight in cpu_decoding._COPIES) == (order[0] == "transposed")  # a copy kept only where it is used
+
+
+def test_a_candidate_within_the_timings_noise_of_f_linear_does_not_replace_it(two_threads, fresh_choices, monkeypatch):
+    """mv 3% faster than F.linear (within the noise of timing decoding's calls): F.linear stays; 10% faster: mv."""
+    weight, x = torch.randn(1536, 384), torch.randn(1, 384)
+    for mv, chosen in ((0.97, "linear"), (0.90, "mv")):
+        cpu_decoding.reset_choices()
+        inject_timings(monkeypatch, {"linear": 1.0, "mv": mv, "row_blocks": 2.0, "transposed": 2.0})
+        with torch.no_grad():
+            for _ in range(cpu_decoding.SAMPLES * 4):
+                decoding_linear(x, weight, None)
+        assert [name for name, _ in cpu_decoding.chosen_kernels().values()] == [chosen]
 
 
 def test_the_choice_is_per_shape_and_leaves_out_what_does_not_apply(two_threads, fresh_choices, monkeypatch):
@@ -134,8 +146,8 @@ def test_the_choice_is_per_shape_and_leaves_out_what_does_not_apply(two_threads,
             decoding_linear(torch.randn(2, 384), weight, None)
             decoding_linear(torch.randn(1, 384), weight, None)
     choices = {label: (name, set(medians)) for label, (name, medians) in cpu_decoding.chosen_kernels().items()}
-    assert choices == {"1536 x 384, 2 rows, 2 threads": ("row_blocks", {"linear", "row_blocks"}),
-                       "1536 x 384, 1 row, 2 threads": ("mv", {"linear", "mv", "row_blocks"})}
+    assert choices == {"1536 x 384, 2 rows": ("row_blocks", {"linear", "row_blocks"}),
+                       "1536 x 384, 1 row": ("mv", {"linear", "mv", "row_blocks"})}
 
 
 def test_the_environment_forces_a_kernel_in_a_fresh_process():
@@ -196,7 +208,7 @@ def test_decoding_by_each_kernel_gives_the_forwards_logits_and_gpt2lmheadmodels_
         assert_greedy_sequence(tokens, 9, gpt2)
     if kernel == "auto":  # every product of a decoding step was timed and decided
         chosen = cpu_decoding.chosen_kernels()
-        assert {"1152 x 384, 1 row, bias, 2 threads", "512 x 384, 1 row, 2 threads"} <= set(chosen)
+        assert {"1152 x 384, 1 row, bias", "512 x 384, 1 row"} <= set(chosen)
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
