@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import stat
-import time
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .faults import fault_point
 from .optim import optimizer_state, whole_tensor
 
 __all__ = ["save_tree", "load_tree", "rng_state", "set_rng_state",
@@ -39,41 +39,6 @@ __all__ = ["save_tree", "load_tree", "rng_state", "set_rng_state",
 
 CKPT_PREFIX = "ckpt-"
 MANIFEST = "MANIFEST.json"
-
-
-def fault_point(name):
-    """Test hooks for the crash tests, on rank NANOGPT_KILL_RANK (0 by default): NANOGPT_KILL_AT=name (or name@N for
-    the N-th time) SIGKILLs this process right here, exactly like a power cut or the OOM killer would;
-    NANOGPT_RAISE_AT=name@N raises a RuntimeError there, as a CUDA out-of-memory error on one GPU does;
-    NANOGPT_DELAY_AT=name:seconds waits there every time, like a slow disk, name@N:seconds the N-th time only, like
-    one long step (a comma list: several), on every rank or on NANOGPT_DELAY_RANK's alone. Does nothing unless a
-    variable is set."""
-    delay_rank = os.environ.get("NANOGPT_DELAY_RANK")
-    delays = os.environ.get("NANOGPT_DELAY_AT", "") if delay_rank in (None, os.environ.get("RANK", "0")) else ""
-    for delay in filter(None, delays.split(",")):
-        where, _, seconds = delay.partition(":")
-        label, _, nth = where.partition("@")
-        if label == name:
-            count = fault_point.counts[where] = fault_point.counts.get(where, 0) + 1
-            if not nth or count == int(nth):
-                time.sleep(float(seconds))
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # an elastic restart runs clean
-        return
-    for variable in ("NANOGPT_KILL_AT", "NANOGPT_RAISE_AT"):
-        label, _, nth = os.environ.get(variable, "").partition("@")
-        if label != name:
-            continue
-        count = fault_point.counts.get(variable, 0) + 1
-        fault_point.counts[variable] = count
-        if count == int(nth or 1) and int(os.environ.get("RANK", "0")) == int(os.environ.get("NANOGPT_KILL_RANK", "0")):
-            if variable == "NANOGPT_RAISE_AT":
-                raise RuntimeError(f"injected fault at {name}@{count} (NANOGPT_RAISE_AT)")
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-fault_point.counts = {}
 
 
 # ------------------------------------------------------------------------------------ state <-> files

@@ -270,7 +270,7 @@ class StopSignals:
     def __init__(self, interrupt=False):
         self.received = 0
         self.interrupt = interrupt
-        self._interruptible = False
+        self._interruptible = self._grace_said = False
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -294,6 +294,13 @@ class StopSignals:
             yield
         finally:
             self._interruptible = False
+
+    def say_if_grace_is_short(self, world, step_seconds, save_seconds, say):
+        """The line of stop_grace_shortfall, once a run."""
+        line = None if self._grace_said else stop_grace_shortfall(world, step_seconds, save_seconds)
+        if line:
+            say(line)
+            self._grace_said = True
 
     def restore(self):
         self._interruptible = False

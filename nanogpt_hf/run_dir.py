@@ -22,8 +22,9 @@ import socket
 
 import yaml
 
-from .checkpoint import CKPT_PREFIX, MANIFEST, checkpoint_dirs, fault_point, latest_checkpoint, sha256_of
+from .checkpoint import CKPT_PREFIX, MANIFEST, checkpoint_dirs, latest_checkpoint, sha256_of
 from .errors import UserError
+from .faults import fault_point
 from .fileio import atomic_path
 
 __all__ = ["RunDir"]

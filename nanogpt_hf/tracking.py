@@ -16,7 +16,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from .checkpoint import fault_point
+from .faults import fault_point
 
 __all__ = ["Progress", "Journal", "init_trackers", "plain_output", "forget_ended_trackio_run"]
 

@@ -18,23 +18,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import fault_point, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .config import SHAPE_KEYS, load_config
 from .corpus import data_fingerprint
 from .data import eval_batches, train_batches
 from .errors import UserError, cli_main, first_line
+from .faults import fault_point
 from .hardware import checked_peak, native_bf16, peak_flops
 from .hub import push_after_save, wait_for_pushes
-from .launch import (
-    StopNow,
-    StopSignals,
-    check_launch,
-    finish,
-    launched_world_size,
-    make_accelerator,
-    stop_grace_shortfall,
-    together,
-)
+from .launch import StopNow, StopSignals, check_launch, finish, launched_world_size, make_accelerator, together
 from .optim import NS_DTYPES, configure_optimizer, get_lr, set_lr, skip_step_if
 from .resolve import build_model, data_dir_of, resolve_run, restore_training_state
 from .run_dir import RunDir
@@ -186,23 +178,19 @@ def train(cfg, sources=None):
             push_after_save(cfg, "end" if final else "every_save", say, pushes)
 
     def stop_with_checkpoint(stop):
-        """Checkpoints the last completed step (resume continues bit for bit) and leaves; the files are written by a
-        process the launcher's kill after its grace cannot reach (launch.outliving_the_launcher)."""
+        """Checkpoints the last completed step (written by a detached process: launch.outliving_the_launcher), leaves."""
         saved = os.path.exists(os.path.join(run.checkpoint_path(state.iter_num), "MANIFEST.json"))
         if state.iter_num > 0 and not saved:
             checkpoint(final=False, detach=True)
         progress.close()
-        name = signal.Signals(stop).name
-        if state.iter_num == 0:
-            log(f"stopped by {name} before the first step was complete: nothing to save")
-        else:
-            log(f"stopped by {name} at iteration {state.iter_num}: checkpoint {'written' if not saved else 'on disk'};"
-                f" continue with init_from=resume (or the same command with init_from=auto)")
+        log(f"stopped by {signal.Signals(stop).name} " + ("before the first step was complete: nothing to save" if
+            not state.iter_num else f"at iteration {state.iter_num}: checkpoint {'on disk' if saved else 'written'}; "
+            f"continue with init_from=resume (or the same command with init_from=auto)"))
         raise SystemExit(128 + stop)
 
     bad_steps, running_mfu, pending, alone, completed = 0, None, None, False, False
     pushes = []  # Hub pushes under way (processes of their own): the run does not wait for them until its end
-    timing = {"save": 0.0, "grace_said": False}  # the last checkpoint's seconds; whether the grace line was said
+    timing = {"save": 0.0}  # the last checkpoint's seconds
     model.train()
     t0 = time.perf_counter()
     try:
@@ -212,8 +200,7 @@ def train(cfg, sources=None):
             return {"iter_num": state.iter_num, "val_loss": losses["val"], "train_loss": losses["train"]}
         try:
             while True:
-                # where the last completed step left the data and the RNG streams: a step abandoned for a stop
-                # signal (one process) is undone to here before its checkpoint
+                # where the last step left data and RNG streams: a step a stop signal abandons is undone to here
                 step_start = (train_source.state_dict(), rng_state()) if signals.interrupt else None
                 lr = get_lr(state.iter_num, cfg)
                 set_lr(optimizers, lr)
@@ -246,11 +233,8 @@ def train(cfg, sources=None):
                     # mfu None: not known yet, or no trustworthy peak (an unknown GPU, a CPU's depressed measurement)
                     log_step(accelerator, journal, progress, state.iter_num - 1, step_loss, grad_norm, lr, dt,
                              tokens_per_iter, running_mfu if peak else None)
-                if not timing["grace_said"] and state.iter_num - (resume_iter or 0) > 2:  # past the first steps' warm-up
-                    shortfall = stop_grace_shortfall(world, dt, timing["save"])
-                    if shortfall:
-                        say(shortfall)
-                        timing["grace_said"] = True
+                if state.iter_num - (resume_iter or 0) > 2:  # past the first steps' warm-up
+                    signals.say_if_grace_is_short(world, dt, timing["save"], say)
                 bad_steps, stop = _act_on(previous, bad_steps, cfg, journal, signals, say, last_good)
                 if stop:  # preemption, agreed by every rank: the step is done; checkpoint it and leave
                     stop_with_checkpoint(stop)
@@ -310,8 +294,7 @@ def _take_out_dir(run, model, log):
 def optimizer_step(accelerator, model, step_model, optimizers, train_source, gas, grad_clip, signals, journal_failed):
     """One iteration's forward and backward over gas micro-batches, the clip, and the optimizers' step. Returns
     (the mean loss, the gradient norm, the flags every rank agreed on), all on the device: the host reads nothing.
-    Up to the optimizers' step nothing is changed but gradients, the data position and the RNG streams: a stop
-    signal may abandon that part (signals.interruptible, one process)."""
+    Before the optimizers' step only gradients, data position and RNG change: a stop signal may abandon that part."""
     loss_sum = torch.zeros((), device=accelerator.device)
     with signals.interruptible():
         for _ in range(gas):
