@@ -151,3 +151,48 @@ def read_log(out_dir):
 
 def train_losses(out_dir):
     return {r["iter"]: r["train/loss"] for r in read_log(out_dir) if "train/loss" in r}
+
+
+def start_train(out_dir, data_dir, *extra, launcher=None, env=None):
+    """train_accelerate.py started in the background (a session of its own, output piped), plain or under a
+    launcher."""
+    cmd = [*(launcher or [sys.executable]), TRAIN, *train_args(out_dir, data_dir, *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+
+
+def wait_for_iter(out_dir, n, proc, timeout=180):
+    """Polls the journal until the run has logged training step n."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if any(r.get("iter", -1) >= n and "train/loss" in r for r in read_log(out_dir)):
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"iteration {n} not reached")
+
+
+def alive(out_dir, timeout):
+    """Waits up to timeout s for the processes of the run in out_dir (their command lines name it) to end; returns
+    the pids still alive. (`--`: the pattern starts with a dash, which pgrep would take for an option.)"""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        pids = subprocess.run(["pgrep", "-f", "--", f"--out_dir={out_dir}"], capture_output=True, text=True).stdout.split()
+        if not pids or time.time() > deadline:
+            return pids
+        time.sleep(0.2)
+
+
+def same_weights(a, b):
+    """Whether two model folders hold bit-identical weights (a resumed run against the same run uninterrupted)."""
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(os.path.join(folder, "model.safetensors")) for folder in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -8,59 +8,27 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, TRAIN, read_log, run_train, train_args, train_losses
+from conftest import (
+    ROOT,
+    TRAIN,
+    alive,
+    read_log,
+    run_train,
+    same_weights,
+    start_train,
+    train_args,
+    train_losses,
+    wait_for_iter,
+)
 from nanogpt_hf.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 
 LONG = ["--max_iters=300", "--eval_interval=100", "--always_save_checkpoint=true", "--dropout=0.1", "--keep_last=1",
         "--log_interval=1"]
-
-
-def _start(out, data, *extra, launcher=None):
-    cmd = [*(launcher or [sys.executable]), TRAIN, *train_args(out, data, *extra)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def _wait_for_iter(out, n, proc, timeout=120):
-    """Polls the journal until the run has logged iteration n."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            if any(r.get("iter", -1) >= n for r in read_log(out)):
-                return
-        except (OSError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"iteration {n} not reached")
-
-
-def _alive(out, timeout):
-    """Waits up to timeout s for the processes of the run in out (their command lines name it) to end; returns the
-    pids still alive. (`--`: the pattern starts with a dash, which pgrep would take for an option and match nothing.)"""
-    deadline = time.time() + timeout
-    while True:
-        pids = subprocess.run(["pgrep", "-f", "--", f"--out_dir={out}"], capture_output=True, text=True).stdout.split()
-        if not pids or time.time() > deadline:
-            return pids
-        time.sleep(0.2)
-
-
-def _weights(folder):
-    return load_file(os.path.join(folder, "model.safetensors"))
-
-
-def _same_weights(a, b):
-    wa, wb = _weights(a), _weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def _digest(path):
@@ -77,8 +45,8 @@ def long_reference(tmp_path_factory, char_data):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143)])  # SIGINT (130): the fault campaign, docs/robustness.md
 def test_preemption_checkpoints_the_current_step_and_resumes_bit_exact(tmp_path, char_data, long_reference, sig, code):
     out = tmp_path / "out"
-    proc = _start(out, char_data, *LONG)
-    _wait_for_iter(out, 130, proc)
+    proc = start_train(out, char_data, *LONG)
+    wait_for_iter(out, 130, proc)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr[-2000:]
@@ -95,19 +63,19 @@ def test_preemption_checkpoints_the_current_step_and_resumes_bit_exact(tmp_path,
     assert f"Resuming training from {out}/checkpoints/ckpt-{iteration:07d}" in resumed.stdout
     assert train_losses(out) == train_losses(long_reference)  # bit for bit, no record lost or doubled
     assert [r["iter"] for r in read_log(out) if "train/loss" in r] == list(range(300))
-    assert _same_weights(out, long_reference)
+    assert same_weights(out, long_reference)
 
 
 def test_a_killed_launcher_takes_its_worker_with_it(tmp_path, char_data):
     out = tmp_path / "out"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 os.path.join(ROOT, "accelerate_configs", "cpu.yaml")]
-    proc = _start(out, char_data, *LONG, launcher=launcher)
-    _wait_for_iter(out, 120, proc)
+    proc = start_train(out, char_data, *LONG, launcher=launcher)
+    wait_for_iter(out, 120, proc)
     os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, as an OOM killer or a scheduler might
     proc.communicate(timeout=60)
     # the worker notices (SIGTERM from the kernel), checkpoints and leaves
-    assert not _alive(out, 60), "the worker outlived its launcher"
+    assert not alive(out, 60), "the worker outlived its launcher"
     steps = [r["iter"] for r in read_log(out) if "train/loss" in r]
     newest = max(int(c.split("-")[1]) for c in os.listdir(out / "checkpoints") if c.startswith("ckpt-"))
     assert newest == steps[-1] + 1 and newest > 120  # the step it was on was saved
@@ -115,8 +83,8 @@ def test_a_killed_launcher_takes_its_worker_with_it(tmp_path, char_data):
 
 def test_a_second_trainer_on_the_same_out_dir_is_refused(tmp_path, char_data):
     out = tmp_path / "out"
-    first = _start(out, char_data, *LONG)
-    _wait_for_iter(out, 20, first)
+    first = start_train(out, char_data, *LONG)
+    wait_for_iter(out, 20, first)
     second = subprocess.run([sys.executable, TRAIN, *train_args(out, char_data, *LONG, "--init_from=auto",
                                                                  "--learning_rate=2e-3")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -175,11 +143,11 @@ def test_crash_between_a_checkpoint_and_the_model_refresh_is_repaired(tmp_path, 
     killed = run_train(out, char_data, *args, env={"NANOGPT_KILL_AT": "publish@2"}, check=False)
     assert killed.returncode == -9
     newest = out / "checkpoints" / "ckpt-0000020"
-    assert newest.exists() and not _same_weights(out, newest / "model")  # out_dir still holds iteration 10
+    assert newest.exists() and not same_weights(out, newest / "model")  # out_dir still holds iteration 10
     (out / ".model-tmp-999").mkdir()  # what an ENOSPC during a refresh leaves
     again = run_train(out, char_data, *args, "--init_from=auto")
     assert "restored from it" in again.stdout and "removed .model-tmp-999" in again.stdout
-    assert _same_weights(out, newest / "model") and not (out / ".model-tmp-999").exists()
+    assert same_weights(out, newest / "model") and not (out / ".model-tmp-999").exists()
 
 
 def test_checkpoint_files_are_readable_like_the_rest_of_the_folder(tmp_path, char_data):

@@ -15,10 +15,8 @@ import textwrap
 import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, TRAIN, read_log, run_train, train_args, train_losses
+from conftest import ROOT, alive, read_log, run_train, same_weights, start_train, train_losses, wait_for_iter
 
 pytestmark = pytest.mark.slow
 
@@ -27,33 +25,10 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file
 RUN = ["--max_iters=40", "--eval_interval=10", "--always_save_checkpoint=true", "--dropout=0.1", "--keep_last=1"]
 
 
-def _start(out, data, *extra, launcher=ACCELERATE, env=None):
-    cmd = [*launcher, TRAIN, *train_args(out, data, *extra)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, **(env or {})})
-
-
-def _wait_for_iter(out, n, proc, timeout=180):
-    """Polls the journal until the run has logged iteration n (a training step's record)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            if any(r.get("iter", -1) >= n and "train/loss" in r for r in read_log(out)):
-                return
-        except (OSError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"iteration {n} not reached")
-
-
 def _complete_checkpoints(out, within=120):
     """The complete checkpoints' iterations once no process of the run is left (waits up to `within` s for a
     detached writer to finish)."""
-    deadline = time.time() + within
-    while subprocess.run(["pgrep", "-f", "--", f"--out_dir={out}"], capture_output=True).returncode == 0:
-        assert time.time() < deadline, "a process of the run is still alive"
-        time.sleep(0.2)
+    assert not alive(out, within), "a process of the run is still alive"
     folder = out / "checkpoints"
     return sorted(int(c.split("-")[1]) for c in os.listdir(folder)
                   if c.startswith("ckpt-") and os.path.exists(folder / c / "MANIFEST.json"))
@@ -71,8 +46,7 @@ def _resumes_to_the_reference(out, data, reference, iteration):
     resumed = run_train(out, data, *RUN, "--init_from=auto")
     assert f"Resuming training from {out}/checkpoints/ckpt-{iteration:07d}" in resumed.stdout
     assert train_losses(out) == train_losses(reference)
-    ours, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert same_weights(out, reference)
 
 
 @pytest.mark.parametrize("signals", [1, 2])  # once; twice 0.3 s apart (the launcher then kills its tree at once)
@@ -82,8 +56,8 @@ def test_sigterm_to_accelerate_launch_during_a_step_longer_than_its_grace(tmp_pa
     reaches (its manifest 8 s late, like a slow disk: slower than the grace), and the run resumes from it bit for
     bit."""
     out = tmp_path / "out"
-    proc = _start(out, char_data, *RUN, env={"NANOGPT_DELAY_AT": "step@12:60,checkpoint_manifest:8"})
-    _wait_for_iter(out, 10, proc)
+    proc = start_train(out, char_data, *RUN, launcher=ACCELERATE, env={"NANOGPT_DELAY_AT": "step@12:60,checkpoint_manifest:8"})
+    wait_for_iter(out, 10, proc)
     time.sleep(1.0)  # inside step 12's sleep
     os.kill(proc.pid, signal.SIGTERM)
     if signals == 2:
@@ -103,8 +77,8 @@ def test_sigterm_to_accelerate_launch_during_an_evaluation_longer_than_its_grace
     during it: the evaluation is dropped, the 20 completed steps are checkpointed, and no line claims a save that
     did not happen; the run resumes from it bit for bit."""
     out = tmp_path / "out"
-    proc = _start(out, char_data, *RUN, env={"NANOGPT_DELAY_AT": "eval@5:60"})
-    _wait_for_iter(out, 19, proc)
+    proc = start_train(out, char_data, *RUN, launcher=ACCELERATE, env={"NANOGPT_DELAY_AT": "eval@5:60"})
+    wait_for_iter(out, 19, proc)
     time.sleep(1.0)
     os.kill(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -119,8 +93,8 @@ def test_a_killed_writer_is_one_line_naming_what_is_on_disk(tmp_path, char_data)
     """The OOM killer ends the detached writer (SIGKILL where the weights are written, before the manifest): one
     line names the newest complete checkpoint; the partial one is never resumed from."""
     out = tmp_path / "out"
-    proc = _start(out, char_data, *RUN, env={"NANOGPT_KILL_AT": "checkpoint@3"})  # iterations 10, 20: the stop's
-    _wait_for_iter(out, 25, proc)
+    proc = start_train(out, char_data, *RUN, launcher=ACCELERATE, env={"NANOGPT_KILL_AT": "checkpoint@3"})  # iterations 10, 20: the stop's
+    wait_for_iter(out, 25, proc)
     os.kill(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -159,7 +133,7 @@ def test_a_launcher_whose_grace_cannot_fit_a_step_says_so(tmp_path, char_data):
     moment, with the remedy; a stop within the grace still checkpoints the step it was on."""
     out = tmp_path / "out"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    proc = _start(out, char_data, "--max_iters=12", "--eval_interval=100", launcher=torchrun,
+    proc = start_train(out, char_data, "--max_iters=12", "--eval_interval=100", launcher=torchrun,
                   env={"ACCELERATE_USE_CPU": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2", "NANOGPT_DELAY_AT": "step@8:3"})
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]

@@ -5,7 +5,6 @@ import json
 import os
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -75,11 +74,10 @@ def test_one_ranks_error_ends_a_ddp_run_at_once_and_is_shown(tmp_path, char_data
     output."""
     env = {"NANOGPT_RAISE_AT": "step@5", "NANOGPT_KILL_RANK": "1"}
     launcher = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp.yaml")]
-    t0 = time.time()
     proc = run_train(tmp_path / "out", char_data, "--max_iters=50", "--gradient_accumulation_steps=2",
                      launcher=launcher, env=env, check=False)
-    # not after gloo's collective timeout (30 min): the bound says that, with room for a loaded machine's start-up
-    assert proc.returncode != 0 and time.time() - t0 < 300
+    # ended by rank 1's error, not by a collective timeout (rank 0 waiting ddp_timeout, 30 min by default)
+    assert proc.returncode != 0 and "Timed out" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: rank 1 stopped the run")]
     assert len(lines) == 1 and "RuntimeError: injected fault at step@5" in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr.split("error: rank 1")[0]  # the worker's own output: one line, no traceback
