@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from conftest import ROOT, assert_cli_error, run_cli, tiny_model, train_args
 from nanogpt_hf.bench import main as bench_main
+from nanogpt_hf.cpu_decoding import TIE
 from nanogpt_hf.evaluate import main as eval_main
 from nanogpt_hf.model_io import save_model_folder
 from nanogpt_hf.sample import build_parser, generate_samples
@@ -217,8 +218,11 @@ def test_bench_cli_reports_ratios_against_gpt2(tmp_path):
     assert all(name + ", every product F.linear" in generate["tokens_per_s"] for name in generate["vs_plain_linear"])
     kernels = generate["kernels"]
     assert any(label.startswith("65 x 128, 1 row") for label in kernels), kernels  # the quickstart shape's head
-    for kernel in kernels.values():
-        assert kernel["chosen"] == min(kernel["median_us"], key=kernel["median_us"].get)
+    for kernel in kernels.values():  # the lowest median, or F.linear where none is TIE (5%) faster than it
+        medians = kernel["median_us"]
+        best = min(medians, key=medians.get)
+        kept = "linear" in medians and medians[best] > TIE * medians["linear"]
+        assert kernel["chosen"] == ("linear" if kept else best), kernel
     assert "kernel for " in proc.stdout and "x plain F.linear decoding" in proc.stdout
     assert any(e.get("name", "").startswith("aten::") for e in json.load(open(trace))["traceEvents"])
 
