@@ -8,6 +8,7 @@ the same dtype (tests/test_speedrun.py). Both optimizers can skip a step on the 
 gradient scaler does), so the trainer need not wait for the GPU to decide whether gradients were finite.
 """
 
+import itertools
 import math
 
 import torch
@@ -58,51 +59,70 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         skip = getattr(self, "found_inf", None)
-        index = 0  # the matrix's place in the step: which rank orthogonalizes it under FSDP2
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                new_buf = buf.lerp(p.grad, 1 - momentum)
-                update = p.grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
-                update = _orthogonalized(update, index, self.ns_dtype, lambda G: zeropower_via_newtonschulz(
-                    G, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype))
-                index += 1
-                # Keller Jordan's scale: the same update RMS for tall and wide matrices (torch's adjust_lr "original")
-                adjusted_lr = lr * math.sqrt(max(1, p.size(0) / p.size(1)))
-                new_p = p.mul(1 - lr * group["weight_decay"]).add_(update, alpha=-adjusted_lr)
-                if skip is not None:  # a non-finite step changes nothing (where, not a product: NaN * 0 is NaN)
-                    new_buf, new_p = torch.where(skip > 0, buf, new_buf), torch.where(skip > 0, p, new_p)
-                buf.copy_(new_buf)
-                p.copy_(new_p)
+        work = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        momentum = (self._momentum_update(group, p) for group, p in work)  # computed as _orthogonalized asks
+        for (group, p), (buf, new_buf, update) in zip(work, _orthogonalized(momentum, self.ns_dtype)):
+            lr = group["lr"]
+            # Keller Jordan's scale: the same update RMS for tall and wide matrices (torch's adjust_lr "original")
+            adjusted_lr = lr * math.sqrt(max(1, p.size(0) / p.size(1)))
+            new_p = p.mul(1 - lr * group["weight_decay"]).add_(update, alpha=-adjusted_lr)
+            if skip is not None:  # a non-finite step changes nothing (where, not a product: NaN * 0 is NaN)
+                new_buf, new_p = torch.where(skip > 0, buf, new_buf), torch.where(skip > 0, p, new_p)
+            buf.copy_(new_buf)
+            p.copy_(new_p)
         return loss
 
+    def _momentum_update(self, group, p):
+        """(momentum buffer, its new value, the Nesterov update to orthogonalize, its Newton-Schulz)."""
+        state, momentum = self.state[p], group["momentum"]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        new_buf = buf.lerp(p.grad, 1 - momentum)
+        update = p.grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
+        return buf, new_buf, update, lambda G: zeropower_via_newtonschulz(
+            G, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
 
-def _orthogonalized(update, index, dtype, newton_schulz):
-    """newton_schulz(update), which computes in dtype. A DTensor update (FSDP2 shards) is gathered whole once, orthogonalized by one rank
-    (the step's matrices dealt out to the ranks in turn) and broadcast back, each rank keeping its shard: 2
-    collectives per matrix, where Newton-Schulz op by op on the shards issued ~13.5 (an all-reduce for each norm, an
-    all-gather for each matmul) and every rank did every matrix (modded-nanogpt spreads them the same way). The
+
+def _orthogonalized(items, dtype):
+    """For each (buf, new_buf, update, newton_schulz) in order, (buf, new_buf, newton_schulz(update)), which computes
+    in dtype. One process: one matrix at a time. DTensor updates (FSDP2 shards): the matrices are dealt out to the
+    ranks in turn, a chunk of one per rank at a time; each is gathered whole, orthogonalized by its rank while the
+    others orthogonalize theirs, and broadcast back, each rank keeping its shard. The collectives are asynchronous:
+    the next chunk's gathers run during this chunk's Newton-Schulz, and a rank goes on to its own matrix without
+    waiting for the others' (c38e359 waited on each matrix's broadcast in turn, so one rank computed at a time). 2
+    collectives per matrix, where Newton-Schulz op by op on the shards issued ~13.5 (an all-reduce for each norm,
+    an all-gather for each matmul) and every rank did every matrix (modded-nanogpt spreads them the same way). The
     result is the one-process computation's, on the same whole matrix."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if not isinstance(update, DTensor):
-        return newton_schulz(update)
+    items = iter(items)
+    first = next(items, None)
+    if first is None:
+        return
+    items = itertools.chain([first], items)
+    if not isinstance(first[2], DTensor):
+        for buf, new_buf, update, newton_schulz in items:
+            yield buf, new_buf, newton_schulz(update)
+        return
     import torch.distributed as dist
 
-    whole = update.full_tensor()  # the world's ranks hold the mesh's shards: every rank gets the whole matrix
-    owner = index % dist.get_world_size()
-    if dist.get_rank() == owner:
-        result = newton_schulz(whole).contiguous()
-    else:
-        result = torch.empty_like(whole, dtype=dtype)
-    dist.broadcast(result, src=owner)
-    return distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)  # own shard, no comms
+    world, rank = dist.get_world_size(), dist.get_rank()
+    chunks = iter(lambda: list(itertools.islice(items, world)), [])  # the k-th matrix of a chunk is rank k's
+
+    def gathering(chunk):  # every rank gets each whole matrix (the mesh's shards); issued now, waited where used
+        return [(item, item[2].full_tensor()) for item in chunk]
+
+    ahead = gathering(next(chunks, []))
+    while ahead:
+        current, ahead = ahead, gathering(next(chunks, []))
+        results = [newton_schulz(whole).contiguous() if owner == rank else
+                   torch.empty(whole.shape, dtype=dtype, device=whole.device)
+                   for owner, ((_, _, _, newton_schulz), whole) in enumerate(current)]
+        handles = [dist.broadcast(result, src=owner, async_op=True) for owner, result in enumerate(results)]
+        for ((buf, new_buf, update, _), _), result, handle in zip(current, results, handles):
+            handle.wait()
+            yield buf, new_buf, distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)
 
 
 # ------------------------------------------------------------------------------------------ the schedule
@@ -187,14 +207,28 @@ def whole_tensor(t, keep):
     return whole.detach().cpu() if keep else None
 
 
-def _like(whole, param):
-    """The saved whole tensor as this process holds it: this rank's shard of a DTensor parameter (no communication:
-    every rank has the whole tensor), else the tensor itself."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def _like(stored, param):
+    """The saved whole tensor as this process holds it: under FSDP2 this rank's shard of a DTensor parameter, else
+    the whole tensor. Where it is still in its file (checkpoint.load_tree(lazy=True)) only the shard's rows are read,
+    so a rank reads and holds about 1/world of the state, not all of it. Returns (tensor, bytes read from a file)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if isinstance(param, DTensor) and tuple(whole.shape) == tuple(param.shape):
-        return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-    return whole
+    from .checkpoint import TensorInFile, read_whole
+
+    if not (isinstance(param, DTensor) and tuple(stored.shape) == tuple(param.shape)):
+        tensor = read_whole(stored)
+        return tensor, tensor.numel() * tensor.element_size() if isinstance(stored, TensorInFile) else 0
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    whole_rows = all(o == 0 and n == full for o, n, full in zip(offset[1:], shape[1:], param.shape[1:]))
+    if isinstance(stored, TensorInFile) and whole_rows:  # FSDP2's Shard(0): a range of rows, read alone
+        local = stored.rows(offset[0], offset[0] + shape[0]).to(param.device)
+    else:  # a copy of its own: a view would keep the whole tensor (on a GPU, all of it on every rank)
+        local = read_whole(stored)[tuple(slice(o, o + n) for o, n in zip(offset, shape))].to(param.device, copy=True)
+    local = local.contiguous()  # (this rank's rows, ...)
+    read = local.numel() * local.element_size() if isinstance(stored, TensorInFile) else 0
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride()), read
 
 
 def _param_names(model):
@@ -228,14 +262,19 @@ def optimizer_state(model, optimizers, keep=True, whole=True):
 
 
 def load_optimizer_state(model, optimizers, saved, where):
-    """Puts a state from optimizer_state() into the optimizers, each tensor sharded like its parameter. A state
-    saved by the first release (torch's own state_dict, keyed by position) loads as it is."""
+    """Puts a state from optimizer_state() into the optimizers, each tensor sharded like its parameter; tensors left
+    in their file (load_tree(lazy=True)) are read a rank's shard at a time. A state saved by the first release
+    (torch's own state_dict, keyed by position) loads as it is. Returns the bytes read from the file."""
+    from .checkpoint import TensorInFile, read_whole
+
     optimizers = _unwrapped(optimizers)
     if saved["param_groups"] and all(isinstance(i, int) for g in saved["param_groups"] for i in g["params"]):
         if len(optimizers) != 1:
             raise UserError(f"{where}: its optimizer state is AdamW's alone; resume with optimizer=adamw")
-        optimizers[0].load_state_dict(saved)
-        return
+        state = {i: {k: read_whole(v) for k, v in values.items()} for i, values in saved["state"].items()}
+        optimizers[0].load_state_dict({**saved, "state": state})
+        return sum(v.numel() * v.element_size() for values in state.values() for v in values.values()
+                   if torch.is_tensor(v))
     params = dict(model.named_parameters())
     names = _param_names(model)
     current = [[names[p] for p in g["params"]] for o in optimizers for g in o.param_groups]
@@ -244,12 +283,18 @@ def load_optimizer_state(model, optimizers, saved, where):
         raise UserError(f"{where}: its optimizer state is for other parameters or another optimizer "
                         f"({sum(map(len, stored))} in {len(stored)} groups, this run has {sum(map(len, current))} in "
                         f"{len(current)}): resume with the run's own model and optimizer settings")
-    saved_groups = iter(saved["param_groups"])
+    saved_groups, read = iter(saved["param_groups"]), 0
     for optimizer in optimizers:
         mine = [next(saved_groups) for _ in optimizer.param_groups]
         order = [name for group in mine for name in group["params"]]
-        state = {i: {k: _like(v, params[name]) if torch.is_tensor(v) else v for k, v in saved["state"][name].items()}
-                 for i, name in enumerate(order) if name in saved["state"]}
+        state = {}
+        for i, name in enumerate(order):
+            for key, value in saved["state"].get(name, {}).items():
+                if torch.is_tensor(value) or isinstance(value, TensorInFile):
+                    value, nbytes = _like(value, params[name])
+                    read += nbytes
+                state.setdefault(i, {})[key] = value
         position = iter(range(len(order)))
         groups = [{**group, "params": [next(position) for _ in group["params"]]} for group in mine]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return read

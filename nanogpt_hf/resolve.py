@@ -294,8 +294,12 @@ def build_model(cfg, ckpt, state, log):
 
 # ------------------------------------------------------------------------------------------- training state
 def restore_training_state(ckpt, raw_model, optimizers, train_source, rank, log):
-    """The optimizer state (sharded like the parameters), this rank's RNG streams and data position."""
-    load_optimizer_state(raw_model, optimizers, load_tree(os.path.join(ckpt, "optimizer")), ckpt)
+    """The optimizer state (sharded like the parameters: under FSDP each rank reads its own rows of each tensor,
+    not the file), this rank's RNG streams and data position."""
+    stem = os.path.join(ckpt, "optimizer")
+    read = load_optimizer_state(raw_model, optimizers, load_tree(stem, lazy=True), ckpt)
+    log(f"optimizer state: read {read / 2**20:.3g} MiB of {os.path.getsize(stem + '.safetensors') / 2**20:.3g} MiB "
+        f"on rank {rank}")
     rank_file = os.path.join(ckpt, f"rank{rank}")
     if not os.path.exists(rank_file + ".json"):
         if not isinstance(train_source, MemmapBatches):

@@ -6,6 +6,7 @@ sharded run resumes on one process and a one-process run resumes sharded."""
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TRAIN, read_log, run_cli, run_train, tiny_model, train_losses
-from nanogpt_hf.checkpoint import load_tree, save_tree
+from nanogpt_hf.checkpoint import TensorInFile, load_tree, read_whole, save_tree
 from nanogpt_hf.config import TrainConfig
 from nanogpt_hf.errors import UserError
 from nanogpt_hf.optim import configure_optimizer, load_optimizer_state
@@ -92,7 +93,10 @@ def test_fsdp_trainer_saves_the_tied_head_once_and_whole_optimizer_state_by_name
 
 @pytest.mark.slow
 def test_fsdp_trainer_checkpoint_resumes_bit_exact(runs):
-    resume_from_4(runs / "fsdp", runs / "fsdp-resumed", FSDP)
+    """Resumed from iteration 4, the same weights and losses, reading rank 0's rows of the optimizer file alone (about half of it; the 0-dim steps whole, 65 rows 33/32)."""
+    proc = resume_from_4(runs / "fsdp", runs / "fsdp-resumed", FSDP)
+    found = re.search(r"optimizer state: read ([\d.]+) MiB of ([\d.]+) MiB on rank 0", proc.stdout)
+    assert found and 0.45 < float(found[1]) / float(found[2]) < 0.55, proc.stdout[-2000:]
     assert max_difference(weights(runs / "fsdp-resumed"), weights(runs / "fsdp")) == 0
     assert train_losses(runs / "fsdp-resumed") == train_losses(runs / "fsdp")
 
@@ -147,10 +151,32 @@ def test_sharded_loader_reads_a_first_release_checkpoint(tmp_path):
     model(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
     optimizer.step()
     save_tree(str(tmp_path / "optimizer"), optimizer.state_dict())
-    fresh = torch.optim.AdamW(model.parameters())
-    load_optimizer_state(model, fresh, load_tree(str(tmp_path / "optimizer")), "old")
-    for p in model.parameters():
-        assert torch.equal(fresh.state[p]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"])
+    for lazy in (False, True):  # read as the trainer does (left in the file) too
+        fresh = torch.optim.AdamW(model.parameters())
+        load_optimizer_state(model, fresh, load_tree(str(tmp_path / "optimizer"), lazy=lazy), "old")
+        for p in model.parameters():
+            assert torch.equal(fresh.state[p]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"])
+
+
+def test_a_tree_left_in_its_file_reads_rows_alone_as_safetensors_reads_them(tmp_path):
+    """load_tree(lazy=True) parses the file's header itself: each tensor (fp32, bf16, int64, 0-dim, empty) and any
+    range of rows equal safetensors' own reading; a file cut inside a tensor is one line at the read."""
+    stem = str(tmp_path / "tree")
+    save_tree(stem, {"a": torch.randn(7, 3), "step": torch.tensor(5.0), "half": torch.randn(4, 2).bfloat16(),
+                     "ids": [torch.arange(6).reshape(2, 3)], "none": torch.zeros(0, 3)})
+    reference = load_file(stem + ".safetensors")
+    lazy = load_tree(stem, lazy=True)
+    stored = {"t.a": lazy["a"], "t.step": lazy["step"], "t.half": lazy["half"], "t.ids.0": lazy["ids"][0],
+              "t.none": lazy["none"]}
+    assert stored.keys() == reference.keys()
+    for name, value in stored.items():
+        assert isinstance(value, TensorInFile) and value.shape == reference[name].shape
+        assert torch.equal(read_whole(value), reference[name]) and read_whole(value).dtype == reference[name].dtype
+    assert torch.equal(lazy["a"].rows(2, 5), reference["t.a"][2:5]) and lazy["a"].rows(7, 7).shape == (0, 3)
+    with open(stem + ".safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(stem + ".safetensors") - 4)
+    with pytest.raises(UserError, match="the file ends inside a tensor"):
+        read_whole(max((v for v in stored.values() if v.shape.numel()), key=lambda v: v.begin))  # the last one
 
 
 class DeviceTable:
@@ -197,13 +223,14 @@ def test_each_rank_saves_and_restores_its_own_gpus_rng_on_any_number_of_gpus(tmp
 
 
 @pytest.mark.slow
-def test_fsdp2_muon_gathers_once_per_matrix_and_saves_keep_state_on_the_writing_rank_only(tmp_path):
+def test_fsdp2_muon_gathers_once_per_matrix_saves_keep_state_on_the_writing_rank_and_resumes_read_a_shard(tmp_path):
     """PyTorch's FSDP2 on 2 gloo processes (tests/workers/fsdp_optimizer.py). Muon: one step on 4 sharded matrices
     issues 2 collectives per matrix (gather, then the owner's broadcast; op-by-op Newton-Schulz on the shards issued
     64), and 3 steps equal the one-process run. A checkpoint's gathering of 128 MB of AdamW state into memory (a stop
     signal's save): rank 1 joins every gather and keeps nothing, holding at most a few 16 MB tensors at once (it built
     all 128 MB before); rank 0, which writes, keeps it whole. Streamed to the file (every other save): no rank
-    holds more than a few tensors, and the file reads back as the gathered state, bit for bit."""
+    holds more than a few tensors, and the file reads back as the gathered state, bit for bit. Resumed from that
+    file, each rank reads and keeps half of it (its rows of each tensor), not all of it."""
     worker = os.path.join(ROOT, "tests", "workers", "fsdp_optimizer.py")
     proc = run_cli(["torchrun", "--standalone", "--nproc_per_node", "2", worker, str(tmp_path)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -221,3 +248,13 @@ def test_fsdp2_muon_gathers_once_per_matrix_and_saves_keep_state_on_the_writing_
     for r in (writer, other):
         assert r["stream_peak"] <= few, r
     assert writer["streamed_file_equals_gathered_state"] is True
+    # a resume from that file: each rank reads its own rows (half of every tensor; the 0-dim steps whole), holds them
+    # in storage of their own and, at most, one tensor more; nothing of the file stays mapped (RSS)
+    half = writer["optimizer_bytes"] / 2
+    for r in (writer, other):
+        resumed = r["resume"]
+        assert resumed["equals_saved"] is True
+        assert half <= resumed["bytes_read"] < half + 1024 and resumed["bytes_read"] < r["file_bytes"] / 1.9, r
+        assert resumed["state_storage_bytes"] == resumed["bytes_read"], r  # c38e359: views of whole tensors
+        assert 0.9 * half < resumed["host_bytes_kept"] <= resumed["host_bytes_peak"] < half + r["largest_tensor_bytes"], r
+        assert resumed["rss_peak"] < half + r["largest_tensor_bytes"], r

@@ -2,8 +2,9 @@
 matrices, then (1) Muon's step: the collectives it issues, counted with torch's CommDebugMode, and its weights
 against the same steps in one process; (2) a checkpoint's gathering of AdamW's state: the host memory each rank
 keeps, and holds at most, from glibc's allocation counts sampled while it runs, gathered into memory (a stop
-signal's save) and streamed to a file in the folder given as argv[1] (every other save). Prints one JSON line per
-rank."""
+signal's save) and streamed to a file in the folder given as argv[1] (every other save); (3) a resume from that
+file: the bytes each rank reads, the storage its restored state holds and its resident memory at most. Prints one
+JSON line per rank."""
 
 import ctypes
 import json
@@ -18,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 
 from nanogpt_hf.checkpoint import load_tree, stream_tree
-from nanogpt_hf.optim import Muon, optimizer_state, whole_tensor
+from nanogpt_hf.optim import Muon, load_optimizer_state, optimizer_state, whole_tensor
 
 WIDTH, DEPTH, STEPS = 256, 4, 3  # Muon's stack
 BIG = 2048  # the checkpoint's: 4 x 16 MB matrices, 128 MB of AdamW state, more than the process's free heap
@@ -40,14 +41,20 @@ def allocated():
     return info.uordblks + info.hblkhd
 
 
-def measured(fn):
-    """(fn's result, bytes it left allocated, the most it held allocated at once while running), from allocated()
-    sampled every 0.5 ms."""
-    start, peak, done = allocated(), [0], threading.Event()
+def resident():
+    """The process's resident memory (VmRSS): mapped file pages it has touched count, as safetensors maps its files."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measured(fn, amount=allocated):
+    """(fn's result, bytes it left held, the most it held at once while running), from amount() (by default
+    allocated()) sampled every 0.5 ms."""
+    start, peak, done = amount(), [0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], allocated() - start)
+            peak[0] = max(peak[0], amount() - start)
             time.sleep(0.0005)
 
     sampler = threading.Thread(target=sample)
@@ -57,7 +64,7 @@ def measured(fn):
     finally:
         done.set()
         sampler.join()
-    left = allocated() - start
+    left = amount() - start
     return result, left, max(peak[0], left)
 
 
@@ -111,7 +118,26 @@ def main():
         streamed = load_tree(stem)["state"]
         same_file = streamed.keys() == kept["state"].keys() and all(
             torch.equal(streamed[n][k], v) for n, values in kept["state"].items() for k, v in values.items())
+    # (3) a resume from that file: each rank reads its own rows of every tensor; its allocations and its resident
+    # memory (RSS: where a file is mapped, the pages read count too) sampled while it loads, then reads every value
+    dist.barrier()  # rank 0 has closed the file
+    fresh = sharded(4, BIG)
+    fresh_adamw = torch.optim.AdamW(fresh.parameters())
+
+    def resume():
+        read = load_optimizer_state(fresh, fresh_adamw, load_tree(stem, lazy=True), stem)
+        sum(v.to_local().sum() for s in fresh_adamw.state.values() for v in s.values() if v.ndim)  # every page touched
+        return read
+
+    (read, _, rss_peak), resume_kept, resume_peak = measured(lambda: measured(resume, resident))  # RSS inside glibc's count
+    local = [v.to_local() if v.ndim else v for s in fresh_adamw.state.values() for v in s.values()]
+    same = all(torch.equal(whole_tensor(fresh_adamw.state[q][k], True), whole_tensor(adamw.state[p][k], True))
+               for p, q in zip(big.parameters(), fresh.parameters()) for k in ("exp_avg", "exp_avg_sq", "step"))
+    resumed = {"bytes_read": read, "host_bytes_kept": resume_kept, "host_bytes_peak": resume_peak, "rss_peak": rss_peak,
+               "equals_saved": same,
+               "state_storage_bytes": sum(v.untyped_storage().nbytes() for v in local)}
     print(json.dumps({"rank": rank, "muon_collectives": comms.get_total_counts(), "matrices": DEPTH,
+                      "resume": resumed, "file_bytes": os.path.getsize(stem + ".safetensors"),
                       "max_difference_vs_one_process": difference, "kept": kept is not None,
                       "host_bytes_kept": left, "host_bytes_peak": peak, "stream_peak": stream_peak,
                       "streamed_file_equals_gathered_state": same_file,
