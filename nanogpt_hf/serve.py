@@ -5,8 +5,8 @@ transformers' server builds a model from a class inside transformers when the co
 (`getattr(transformers, "NanoGPTForCausalLM")` fails), and from 5.25 on loads a config that names none through
 AutoModelForCausalLM, which runs the model code saved beside the weights under --trust-remote-code. So the model is
 written once to a served folder: this package's model code (save_pretrained copies it), a config naming no
-architecture, and a tokenizer of transformers' own classes (char or GPT-2 BPE), kept in a cache keyed by the
-weights and the code. The server is pinned to that folder (it refuses requests for any other model), so the code
+architecture, and a tokenizer of transformers' own classes (char or GPT-2 BPE), kept in a cache keyed by
+every file that defines the model (config, generation config, weights, tokenizer) and the code. The server is pinned to that folder (it refuses requests for any other model), so the code
 it trusts is this package's. Decoding takes the model's fast path (2.4x GPT2LMHeadModel's tokens/s on a CPU,
 docs/serving.md), and every model option serves (rotary positions, RMSNorm, ...). A base model has no chat template:
 use /v1/completions (chat completions answer 400). SIGTERM stops the server (this process becomes it).
@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -48,17 +49,28 @@ def _model_code_files():
     return [modeling_nanogpt.__file__, *sorted(get_relative_import_files(modeling_nanogpt.__file__))]
 
 
+# what a model folder holds that defines the model it serves: config, generation config, weights, tokenizer files
+_MODEL_FILE = re.compile(r"(config|generation_config|special_tokens_map|added_tokens)\.json|model.*\.safetensors(\.index\.json)?"
+                         r"|tokenizer.*|vocab.*|merges\.txt|chat_template.*|.*\.py")
+
+
 def _digest(folder):
-    """sha256 of the folder's weights and of the model code a served folder carries: a new version of either is a
-    new served folder."""
-    weights = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise UserError(f"{folder}: no model.safetensors here: serve a training run's out_dir or a model folder")
+    """sha256 of every file that defines the folder's model (their names and bytes) and of the model code a served
+    folder carries: a change to any of them (an edited config.json, another tokenizer) is a new served folder."""
+    missing = [name for name in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise UserError(f"{folder}: not a complete model folder (no {' and no '.join(missing)}): serve a training "
+                        f"run's out_dir or a folder save_pretrained wrote")
+    files = sorted(name for name in os.listdir(folder)
+                   if _MODEL_FILE.fullmatch(name) and os.path.isfile(os.path.join(folder, name)))
     h = hashlib.sha256()
-    for path in (weights, *_model_code_files()):
+    for name, path in [*((name, os.path.join(folder, name)) for name in files),
+                       *(("code:" + os.path.basename(path), path) for path in _model_code_files())]:
+        h.update(name.encode() + b"\0")
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
+        h.update(b"\0")
     return h.hexdigest()[:20]
 
 
@@ -124,6 +136,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def _check_port_free(host, port):
+    """One line when host:port cannot be listened on (another server there), as uvicorn binds it (SO_REUSEADDR)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}; another server may be "
+                        f"there): stop it or choose another --port") from e
+
+
 def wait_until_serving(port, process, timeout=180):
     """Returns once the server on 127.0.0.1:port answers /health; RuntimeError if its process ends first or the
     timeout passes (a model loads in seconds to minutes)."""
@@ -149,6 +172,7 @@ def main(argv=None):
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: a port is 1-65535")
     _check_serving_installed()
+    _check_port_free(args.host, args.port)  # before the model loads, which takes seconds to minutes
     folder = served_folder(args.out_dir)
     print(f"serving {args.out_dir} ({folder}) at http://{args.host}:{args.port}/v1: POST /v1/completions with "
           f"\"model\": {folder!r} (a base model: no chat template)", flush=True)

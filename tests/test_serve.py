@@ -4,7 +4,9 @@ loads it in an interpreter without this package)."""
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -196,7 +198,7 @@ def test_the_served_folder_loads_as_transformers_server_loads_it_without_this_pa
     """nanogpt-serve's folder names no architecture and carries this package's model code and a stock tokenizer, so
     AutoModelForCausalLM under trust_remote_code (what transformers' server runs for such a config) builds our model
     in an interpreter that cannot import nanogpt_hf, for a model GPT-2 cannot compute too, with our logits. It is
-    written once per version of the weights and of the code."""
+    written once per version of any file that defines the model (config, tokenizer, weights) and of the code."""
     monkeypatch.setenv("NANOGPT_HF_CACHE", str(tmp_path / "cache"))
     source = str(rope_rmsnorm_folder(tmp_path / "m"))
     folder = serve.served_folder(source)
@@ -222,6 +224,22 @@ def test_the_served_folder_loads_as_transformers_server_loads_it_without_this_pa
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["cls"] == "NanoGPTForCausalLM" and got["ids"] == ids
     torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=FP32_RTOL, atol=FP32_ATOL)
+    # a copy with one head where the run had two (same weights), or with another tokenizer: another served folder,
+    # holding that config and those files (c38e359 served the original for both)
+    edited = shutil.copytree(source, tmp_path / "edited")
+    config_path = edited / "config.json"
+    config = json.loads(config_path.read_text())
+    config["n_head"] = config["n_head"] // 2
+    config_path.write_text(json.dumps(config))
+    edited_folder = serve.served_folder(str(edited))
+    assert edited_folder != folder and json.loads(open(os.path.join(edited_folder, "config.json")).read())["n_head"] == config["n_head"]
+    retokenized = shutil.copytree(source, tmp_path / "retokenized")
+    char_tokenizer("abc\n ").save_pretrained(retokenized)
+    retokenized_folder = serve.served_folder(str(retokenized))
+    assert retokenized_folder not in (folder, edited_folder)
+    (retokenized / "notes.txt").write_text("a file that is not the model's")  # changes nothing
+    assert serve.served_folder(str(retokenized)) == retokenized_folder
+    assert len(os.listdir(tmp_path / "cache" / "serve")) == 3
     code = serve._model_code_files()
     monkeypatch.setattr(serve, "_model_code_files", lambda: [*code, __file__])  # another version of the code
     assert serve.served_folder(source) != folder
@@ -234,5 +252,14 @@ def test_nanogpt_serve_says_what_it_needs_in_one_line(tmp_path, capsys):
     serve._check_serving_installed("6.0.0.dev0")
     assert_cli_error(serve.main, [str(tmp_path / "nothing")], "no such folder", capsys)
     (tmp_path / "empty").mkdir()
-    assert_cli_error(serve.main, [str(tmp_path / "empty")], "no model.safetensors here", capsys)
+    assert_cli_error(serve.main, [str(tmp_path / "empty")],
+                     "not a complete model folder (no config.json and no model.safetensors)", capsys)
+    (tmp_path / "empty" / "model.safetensors").write_bytes(b"")  # weights alone: not served as some other model
+    assert_cli_error(serve.main, [str(tmp_path / "empty")], "not a complete model folder (no config.json)", capsys)
     assert_cli_error(serve.main, [str(tmp_path / "empty"), "--port", "0"], "a port is 1-65535", capsys)
+    with socket.socket() as taken:  # a port another server holds: one line, before any model is looked at
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_cli_error(serve.main, [str(tmp_path / "nothing"), "--port", str(port)],
+                         f"--port {port}: cannot listen on 127.0.0.1:{port}", capsys)
