@@ -1,15 +1,17 @@
 """nanogpt-serve OUT_DIR: the run's model as an OpenAI-compatible endpoint (/v1/completions, streaming too), served
-by transformers' own server (`transformers serve`), not one of ours, and decoded by this package's model.
+by transformers' own server (`transformers serve`: its app, model process and streaming), its completion handler
+extended by the OpenAI fields clients send (serve_app.py), and decoded by this package's model.
 
 transformers' server builds a model from a class inside transformers when the config names an architecture
 (`getattr(transformers, "NanoGPTForCausalLM")` fails), and from 5.25 on loads a config that names none through
-AutoModelForCausalLM, which runs the model code saved beside the weights under --trust-remote-code. So the model is
+AutoModelForCausalLM, which runs the model code saved beside the weights under trust_remote_code. So the model is
 written once to a served folder: this package's model code (save_pretrained copies it), a config naming no
-architecture, and a tokenizer of transformers' own classes (char or GPT-2 BPE), kept in a cache keyed by
-every file that defines the model (config, generation config, weights, tokenizer) and the code. The server is pinned to that folder (it refuses requests for any other model), so the code
-it trusts is this package's. Decoding takes the model's fast path (2.4x GPT2LMHeadModel's tokens/s on a CPU,
-docs/serving.md), and every model option serves (rotary positions, RMSNorm, ...). A base model has no chat template:
-use /v1/completions (chat completions answer 400). SIGTERM stops the server (this process becomes it).
+architecture, and a tokenizer of transformers' own classes (char or GPT-2 BPE), kept in a cache keyed by every
+file that defines the model (config, generation config, weights, tokenizer) and the code. The server is pinned to
+that folder (it refuses requests for any other model; the run's folder name is an alias of it), so the code it
+trusts is this package's. Decoding takes the model's fast path (docs/serving.md), and every model option serves
+(rotary positions, RMSNorm, ...). A base model has no chat template: use /v1/completions (chat completions answer
+400). This process is the server: SIGTERM and Ctrl-C stop it.
 """
 
 import argparse
@@ -19,7 +21,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 import urllib.request
 
@@ -174,12 +175,15 @@ def main(argv=None):
     _check_serving_installed()
     _check_port_free(args.host, args.port)  # before the model loads, which takes seconds to minutes
     folder = served_folder(args.out_dir)
+    run_name = os.path.basename(os.path.abspath(args.out_dir))
+    names = sorted({run_name, args.out_dir, os.path.abspath(args.out_dir)})
     print(f"serving {args.out_dir} ({folder}) at http://{args.host}:{args.port}/v1: POST /v1/completions with "
-          f"\"model\": {folder!r} (a base model: no chat template)", flush=True)
-    # pinned to the folder: --trust-remote-code runs its code (this package's), and the server loads no other model
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", folder, "--trust-remote-code",
-           "--host", args.host, "--port", str(args.port), "--device", args.device]
-    os.execv(sys.executable, cmd)  # this process becomes the server: SIGTERM and Ctrl-C reach it directly
+          f"\"model\": {run_name!r} (or {folder!r}) (a base model: no chat template)", flush=True)
+    from .serve_app import NanoGPTServe
+
+    # pinned to the folder: trust_remote_code runs its code (this package's), and the server loads no other model;
+    # this process is the server, so SIGTERM and Ctrl-C reach it directly
+    NanoGPTServe(folder, names, host=args.host, port=args.port, device=args.device)
 
 
 if __name__ == "__main__":

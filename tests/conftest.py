@@ -196,3 +196,31 @@ def same_weights(a, b):
 
     wa, wb = (load_file(os.path.join(folder, "model.safetensors")) for folder in (a, b))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# HellaSwag's schema (rowanz/hellaswag jsonl), an ActivityNet row and WikiHow rows with their bracket artifacts
+HELLASWAG_ROWS = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3, "source_id": "a",
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
+    {"ind": 92, "activity_label": "Home and Garden", "ctx_a": "[header] How to grow a lemon tree [title] Pick a pot.",
+     "ctx_b": "[step] Lemon trees need room for roots.", "split": "val", "split_type": "zeroshot", "label": 1,
+     "ctx": "[header] How to grow a lemon tree [title] Pick a pot. [step] Lemon trees need room for roots.",
+     "source_id": "b", "endings": ["[substeps] Water it  twice a year.", "Choose a pot that is wide [title] and deep.",
+                                   "Sing to the tree.", "[step] Paint the pot blue."]},
+    {"ind": 7, "activity_label": "Personal Care and Style", "ctx_a": "[header] How to braid hair [title] Brush it.",
+     "ctx_b": "then split it in three", "ctx": "[header] How to braid hair [title] Brush it. then split it in three",
+     "split": "val", "split_type": "indomain", "label": 0, "source_id": "c",
+     "endings": ["sections [step] and cross them over.", "cars.", "[title] Eat lunch.", "the moon  sings."]},
+]
+
+
+def decisive(model, seed=0):
+    """Weights away from their init, so that each position's top logit stands clear of the next (a near-uniform
+    model's argmax would flip on any rounding)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AutoTokenizer
 
-from conftest import ROOT, assert_cli_error, run_cli, tiny_model, train_args
+from conftest import HELLASWAG_ROWS, ROOT, assert_cli_error, run_cli, tiny_model, train_args
 from nanogpt_hf.bench import main as bench_main
 from nanogpt_hf.cpu_decoding import TIE
 from nanogpt_hf.evaluate import main as eval_main
@@ -255,24 +255,6 @@ def test_plot_writes_a_png(char_run):
     assert proc.returncode == 0, proc.stderr
     with open(os.path.join(char_run, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-# HellaSwag's schema (rowanz/hellaswag jsonl), an ActivityNet row and WikiHow rows with their bracket artifacts
-HELLASWAG_ROWS = [
-    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
-     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3, "source_id": "a",
-     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
-    {"ind": 92, "activity_label": "Home and Garden", "ctx_a": "[header] How to grow a lemon tree [title] Pick a pot.",
-     "ctx_b": "[step] Lemon trees need room for roots.", "split": "val", "split_type": "zeroshot", "label": 1,
-     "ctx": "[header] How to grow a lemon tree [title] Pick a pot. [step] Lemon trees need room for roots.",
-     "source_id": "b", "endings": ["[substeps] Water it  twice a year.", "Choose a pot that is wide [title] and deep.",
-                                   "Sing to the tree.", "[step] Paint the pot blue."]},
-    {"ind": 7, "activity_label": "Personal Care and Style", "ctx_a": "[header] How to braid hair [title] Brush it.",
-     "ctx_b": "then split it in three", "ctx": "[header] How to braid hair [title] Brush it. then split it in three",
-     "split": "val", "split_type": "indomain", "label": 0, "source_id": "c",
-     "endings": ["sections [step] and cross them over.", "cars.", "[title] Eat lunch.", "the moon  sings."]},
-]
 
 
 def test_multiple_choice_scores_hellaswag_as_lm_evaluation_harness_does(tmp_path):

@@ -23,6 +23,7 @@ from conftest import (
     assert_cli_error,
     assert_greedy_choices,
     assert_greedy_sequence,
+    decisive,
     run_python,
     tiny_model,
     train_args,
@@ -37,16 +38,6 @@ TEXT = "ROMEO: But soft, what light\nthrough yonder window breaks? 3 & $ -- ok;"
 CHARS = sorted(set(open(os.path.join(ROOT, "nanogpt_hf", "assets", "tinyshakespeare", "input.txt")).read()))
 # what the dtype allows between our logits and the file's, for these decisive models (|logits| ~ 10)
 TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "q8_0": 0.25}  # measured: 4e-6, 6e-3, 0.07
-
-
-def decisive(model, seed=0):
-    """Weights away from their init, so that each position's top logit stands clear of the next (a near-uniform
-    model's argmax would flip on any rounding)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
 
 
 def read_gguf(path):
@@ -159,8 +150,9 @@ def assert_greedy_text(served, expected, model, tok, prompt):
 @pytest.mark.parametrize("kind", ["char", "bpe", "rope"])
 def test_nanogpt_serve_answers_completions_as_greedy_generate_does(runs, tmp_path, kind):
     """A freshly trained run (char, BPE) or a model GPT-2 cannot compute (rope), served through transformers'
-    server: /v1/completions at temperature 0 returns the text greedy generate makes, streamed or not; a request
-    for another model is refused (the server is pinned to the folder whose code it trusts); SIGTERM stops it."""
+    server: /v1/completions at temperature 0 returns the text greedy generate makes, streamed or not, for the model
+    named by its served folder or its run's folder name; a request for another model is refused (the server is
+    pinned to the folder whose code it trusts); SIGTERM stops it."""
     out, port = runs / kind, serve.free_port()
     ours, tok = load_model_and_tokenizer(str(out))
     prompt = "ROMEO:"
@@ -183,8 +175,9 @@ def test_nanogpt_serve_answers_completions_as_greedy_generate_does(runs, tmp_pat
         assert_greedy_text(streamed, expected, ours, tok, prompt)
         assert chunks >= 2
         with pytest.raises(urllib.error.HTTPError) as refused:
-            _post(port, {**body, "model": str(runs / kind)})
+            _post(port, {**body, "model": "gpt2"})
         assert refused.value.code // 100 == 4 and "pinned" in refused.value.read().decode()
+        assert_greedy_text(_post(port, {**body, "model": kind}), expected, ours, tok, prompt)  # the run's name
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
     finally:
