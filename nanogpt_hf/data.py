@@ -139,7 +139,11 @@ class StreamingBatches:
 
 
 def _tokenize_column(batch, text_column):
-    return {"ids": tokenize_batch(batch[text_column])}
+    texts = batch[text_column]
+    wrong = [t for t in texts if not isinstance(t, str)]
+    if wrong:  # a ValueError: the reader turns it into one line naming the source
+        raise ValueError(f"its {text_column!r} is {type(wrong[0]).__name__} {repr(wrong[0])[:40]}, not text")
+    return {"ids": tokenize_batch(texts)}
 
 
 # ------------------------------------------------------------------------------------------ the trainer's sources

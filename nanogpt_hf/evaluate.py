@@ -259,6 +259,9 @@ def _check_inputs(args):
     """Every input that can be checked without the model, checked first; returns the multiple-choice examples."""
     if args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
+    if args.output and os.path.isdir(args.output):
+        raise UserError(f"--output {args.output} is a folder: name a file in it, e.g. "
+                        f"{os.path.join(args.output, 'eval.json')}")
     if args.output:
         folder = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(folder):

@@ -166,6 +166,12 @@ def test_folders_and_values_users_receive_are_one_line(tmp_path, char_data, fini
     assert_cli_error(train_main, train_args(tmp_path / "s", char_data, "--data_source=streaming",
                                             f"--stream_files={bad_jsonl}", f"--stream_val_files={bad_jsonl}"),
                      f"{bad_jsonl}: a record cannot be read (ArrowInvalid: JSON parse error", capsys)
+    for text, kind in (("5", "int 5"), ('["a", "b"]', "list ['a', 'b']"), ("null", "NoneType None")):
+        wrong = tmp_path / f"wrong-{kind.split()[0]}.jsonl"  # valid JSON whose text is not text
+        wrong.write_text(f'{{"text": {text}}}\n')
+        assert_cli_error(train_main, train_args(tmp_path / "w", char_data, "--data_source=streaming",
+                                                f"--stream_files={wrong}", f"--stream_val_files={wrong}"),
+                         f"{wrong}: a record cannot be read (ValueError: its 'text' is {kind}, not text)", capsys)
 
     empty_val = tmp_path / "empty_val"
     shutil.copytree(char_data, empty_val)
@@ -174,6 +180,8 @@ def test_folders_and_values_users_receive_are_one_line(tmp_path, char_data, fini
                      capsys)
     assert_cli_error(eval_main, ["--init_from", str(finished_run), "--data_dir", char_data, "--output",
                                  "/proc/x.json"], "--output /proc/x.json: nothing can be written in /proc", capsys)
+    assert_cli_error(eval_main, ["--init_from", str(finished_run), "--data_dir", char_data, "--output", str(tmp_path)],
+                     f"--output {tmp_path} is a folder: name a file in it", capsys)  # before the evaluation
     assert_cli_error(export_main, [str(finished_run), "/proc/nope"], "DEST /proc/nope: nothing can be written", capsys)
     assert_cli_error(train_main, ["--init_from=resume", f"--out_dir={finished_run}", "--n_embd=63"],
                      "n_embd (63) must be divisible by n_head (2)", capsys)

@@ -105,6 +105,36 @@ def test_gguf_export_refuses_what_gpt2_cannot_compute_and_never_overwrites(tmp_p
     assert_cli_error(export_main, [str(tmp_path / "rope"), str(tmp_path / "taken.gguf"), "--format", "gguf"],
                      "exists: choose a new file name", capsys)
     assert (tmp_path / "taken.gguf").read_text() == "mine"
+    # a destination that cannot be: one line, before the model loads (c38e359: a traceback after loading)
+    (tmp_path / "a-file").write_text("mine")
+    for dest, message in ((tmp_path / "missing" / "x.gguf", "the folder"), (tmp_path / "a-file" / "x.gguf", "is a file")):
+        assert_cli_error(export_main, [str(tmp_path / "nowhere"), str(dest), "--format", "gguf"], message, capsys)
+    (tmp_path / "mine.Modelfile").write_text("mine")  # the Modelfile the export would write beside mine.gguf
+    assert_cli_error(export_main, [str(tmp_path / "nowhere"), str(tmp_path / "mine.gguf"), "--format", "gguf"],
+                     "mine.Modelfile exists", capsys)
+
+
+@pytest.mark.slow
+def test_two_gguf_exports_to_one_name_write_one_file_and_leave_a_users_partial_file_alone(tmp_path):
+    """Two nanogpt-export processes started together toward one DEST: one writes it (and its Modelfile with the
+    model's context), the other stops in one line; DEST.partial, a user's file, is left as it was (c38e359 wrote
+    its temporary file there and deleted it)."""
+    tok = char_tokenizer(CHARS, model_max_length=48)
+    save_model_folder(tiny_model(vocab_size=len(tok), block_size=48), tok, str(tmp_path / "m"))
+    dest = tmp_path / "baby.gguf"
+    (tmp_path / "baby.gguf.partial").write_text("mine")
+    cmd = [sys.executable, "-m", "nanogpt_hf.export", str(tmp_path / "m"), str(dest), "--format", "gguf"]
+    exports = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    results = sorted(((p.wait(timeout=300), *p.communicate()) for p in exports), key=lambda r: r[0])
+    (ok, out, _), (failed, _, err) = results
+    assert ok == 0 and failed == 2, results
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ") and str(dest) in err
+    assert "-c 48" in out and read_gguf(str(dest))[0].config.n_ctx == 48
+    assert (tmp_path / "baby.Modelfile").read_text().splitlines()[1:] == [
+        "FROM ./baby.gguf", 'TEMPLATE "{{ .Prompt }}"', "PARAMETER num_ctx 48"]
+    assert (tmp_path / "baby.gguf.partial").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["baby.Modelfile", "baby.gguf", "baby.gguf.partial", "m"]
 
 
 # ------------------------------------------------------------------------------------------ nanogpt-serve
