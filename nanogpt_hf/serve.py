@@ -137,15 +137,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _check_port_free(host, port):
-    """One line when host:port cannot be listened on (another server there), as uvicorn binds it (SO_REUSEADDR)."""
+def _bound_socket(host, port):
+    """host:port bound and listened on as uvicorn does it (SO_REUSEADDR), before the model loads, and handed to the
+    server: one line when another server is there, and no second nanogpt-serve can take the port meanwhile (a
+    client that connects early waits for the server instead of being refused)."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen()  # listening: another bind fails at once (two bound, not listening, sockets may share it)
     except OSError as e:
+        s.close()
         raise UserError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}; another server may be "
                         f"there): stop it or choose another --port") from e
+    return s
 
 
 def wait_until_serving(port, process, timeout=180):
@@ -173,7 +178,7 @@ def main(argv=None):
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: a port is 1-65535")
     _check_serving_installed()
-    _check_port_free(args.host, args.port)  # before the model loads, which takes seconds to minutes
+    listening = _bound_socket(args.host, args.port)  # before the model loads, which takes seconds to minutes
     folder = served_folder(args.out_dir)
     run_name = os.path.basename(os.path.abspath(args.out_dir))
     names = sorted({run_name, args.out_dir, os.path.abspath(args.out_dir)})
@@ -183,7 +188,7 @@ def main(argv=None):
 
     # pinned to the folder: trust_remote_code runs its code (this package's), and the server loads no other model;
     # this process is the server, so SIGTERM and Ctrl-C reach it directly
-    NanoGPTServe(folder, names, host=args.host, port=args.port, device=args.device)
+    NanoGPTServe(folder, names, listening, host=args.host, port=args.port, device=args.device)
 
 
 if __name__ == "__main__":

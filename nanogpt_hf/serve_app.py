@@ -280,8 +280,8 @@ class NanoGPTServe(Serve):
     """`transformers serve FOLDER --trust-remote-code` with this module's handlers: the same model manager, the same
     app (transformers' build_server) and uvicorn settings (transformers.cli.serve.Serve.run)."""
 
-    def __init__(self, folder, names, **options):
-        self.names = names
+    def __init__(self, folder, names, listening, **options):
+        self.names, self.listening = names, listening  # listening: the socket bound before the model loaded
         super().__init__(folder, trust_remote_code=True, **options)
 
     def run(self, socket=None, engine_connection=None):
@@ -314,7 +314,7 @@ class NanoGPTServe(Serve):
         server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="info",
                                                callback_notify=stop_if_an_engine_died, timeout_notify=5))
         freeze_garbage_collector()
-        server.run(sockets=None if socket is None else [socket])
+        server.run(sockets=[socket or self.listening])
         gc.unfreeze()
         if manager.is_dead:
             raise RuntimeError("the model's process died (see the error above): the server stopped")

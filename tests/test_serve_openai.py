@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi import HTTPException
 
-from conftest import HELLASWAG_ROWS, ROOT, decisive, run_cli, tiny_model
+from conftest import HELLASWAG_ROWS, ROOT, assert_one_line_error, decisive, run_cli, tiny_model
 from nanogpt_hf import serve
 from nanogpt_hf.model_io import load_model_and_tokenizer, save_model_folder
 from nanogpt_hf.serve_app import NanoGPTCompletionHandler, token_logprobs, trim_at_stop
@@ -26,7 +26,9 @@ RUN = "out-tiny"  # the run folder's name: the model answers to it
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(port, the run's folder, model, tokenizer): nanogpt-serve started once on a folder save_pretrained wrote."""
+    """(port, the run's folder, model, tokenizer): nanogpt-serve started once on a folder save_pretrained wrote. A
+    second nanogpt-serve on the same port while the first loads its model stops in one line (the port is held from
+    the moment it is checked)."""
     root = tmp_path_factory.mktemp("openai")
     folder = root / RUN
     model = decisive(tiny_model(vocab_size=50304, block_size=64), seed=3)  # a greedy text of several tokens
@@ -35,6 +37,9 @@ def server(tmp_path_factory):
     env = {**os.environ, "NANOGPT_HF_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "nanogpt_hf.serve", str(folder), "--port", str(port)], cwd=ROOT,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout.readline().startswith("serving ")  # printed once the port is bound, before the model loads
+    second = run_cli([sys.executable, "-m", "nanogpt_hf.serve", str(folder), "--port", str(port)], env=env)
+    assert_one_line_error(second, f"--port {port}: cannot listen on 127.0.0.1:{port}")  # c38e359: both loaded
     try:
         serve.wait_until_serving(port, process, timeout=180)
     except RuntimeError:
