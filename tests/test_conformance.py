@@ -364,16 +364,20 @@ def test_8_lm_eval_generate_until_runs_on_a_char_model(char_folder):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bpe", "char"])
 def test_9_autotokenizer_loads_a_model_folders_tokenizer_without_a_prompt(kind, bpe_folder, char_folder):
+    """AutoTokenizer reads the folder's config first, whose class is the folder's code: transformers asks about it
+    unless trust_remote_code=True is passed (docs/model.md) or nanogpt_hf is imported (it registers the type). Both,
+    in fresh interpreters: no question, no "model of type nanogpt" warning, the stock tokenizer padding left."""
     folder = bpe_folder if kind == "bpe" else char_folder
     # stdin is /dev/null: a trust_remote_code prompt would print its question and fail at once on end of input
-    proc = run_python(f"""
-        import nanogpt_hf
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained({str(folder)!r})
-        print(type(tok).__name__, tok.padding_side)
-        """)
-    assert "custom code" not in proc.stdout + proc.stderr
-    assert proc.stdout.split()[1] == "left"
+    for setup, kwargs in (("import sys", ", trust_remote_code=True"), ("import nanogpt_hf", "")):
+        proc = run_python(f"""
+            {setup}
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained({str(folder)!r}{kwargs})
+            print(type(tok).__name__, tok.padding_side, "nanogpt_hf" in __import__("sys").modules)
+            """)
+        assert "custom code" not in proc.stdout + proc.stderr and "model of type" not in proc.stdout + proc.stderr
+        assert proc.stdout.split()[1:] == ["left", str(setup == "import nanogpt_hf")]
 
 
 # ------------------------------------------------------------------- 10. static cache masks, full-graph compile
