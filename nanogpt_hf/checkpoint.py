@@ -32,8 +32,9 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError
 from .faults import fault_point
 from .optim import optimizer_state, whole_tensor
+from .tensor_files import SAFETENSORS_DTYPES, read_whole, tensors_in_file
 
-__all__ = ["save_tree", "load_tree", "TensorInFile", "read_whole", "rng_state", "set_rng_state",
+__all__ = ["save_tree", "load_tree", "rng_state", "set_rng_state",
            "write_manifest", "verify_checkpoint", "checkpoint_dirs", "latest_checkpoint", "prune_checkpoints", "fault_point", "sha256_of", "CKPT_PREFIX",
            "MANIFEST", "save_checkpoint"]
 
@@ -88,11 +89,6 @@ def save_tree(path_stem, obj):
         json.dump(skeleton, f)
 
 
-# safetensors' names of the dtypes a training state holds
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
 def stream_tree(path_stem, obj, whole, write):
     """save_tree's files, written one tensor at a time: whole(t) gives each stored tensor whole on the CPU (a gather
     every rank joins, under FSDP); only where write is true is it written, and freed before the next, so a rank's
@@ -104,7 +100,7 @@ def stream_tree(path_stem, obj, whole, write):
     header, offset = {}, 0
     for key, t in tensors.items():
         size = t.numel() * t.element_size()
-        header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     failed, f = None, None
     if write:
@@ -142,51 +138,12 @@ def load_tree(path_stem, lazy=False):
     """save_tree's obj back. lazy=True: each tensor is left in the file as a TensorInFile, read when asked for, and
     then only the rows asked for (optim._like: a sharded resume reads each rank's rows alone)."""
     try:
-        tensors = _tensors_in_file(path_stem + ".safetensors") if lazy else load_file(path_stem + ".safetensors")
+        tensors = tensors_in_file(path_stem + ".safetensors") if lazy else load_file(path_stem + ".safetensors")
         with open(path_stem + ".json", encoding="utf-8") as f:
             skeleton = json.load(f)
     except (OSError, SafetensorError, json.JSONDecodeError, ValueError, KeyError) as e:
         raise UserError(f"{path_stem}: unreadable checkpoint file ({e}); resume from another checkpoint") from e
     return _join(skeleton, tensors)
-
-
-class TensorInFile:
-    """A tensor of a safetensors file, not read yet. rows(start, stop) reads those rows (along dim 0) alone, with
-    plain reads into a new tensor: nothing of the file stays mapped into the process, so a rank holds what it read
-    and nothing more (safetensors' own slices map the file, and the pages read stay resident while it is open)."""
-
-    def __init__(self, path, dtype, shape, begin):
-        self.path, self.dtype, self.shape, self.begin = path, dtype, torch.Size(shape), begin
-
-    def rows(self, start=0, stop=None):
-        if not self.shape:  # a 0-dim tensor (AdamW's step): its one value
-            return self._read(0, self.dtype.itemsize).view(self.dtype).reshape(())
-        stop = self.shape[0] if stop is None else stop
-        row = self.shape[1:].numel() * self.dtype.itemsize
-        return self._read(start * row, (stop - start) * row).view(self.dtype).reshape(stop - start, *self.shape[1:])
-
-    def _read(self, offset, size):
-        out = torch.empty(size, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self.begin + offset)
-            if f.readinto(out.numpy()) != size:
-                raise UserError(f"{self.path}: the file ends inside a tensor; resume from another checkpoint")
-        return out
-
-
-def _tensors_in_file(path):
-    """{name: TensorInFile} from a safetensors file's header (8 bytes of length, then JSON)."""
-    dtypes = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
-    return {name: TensorInFile(path, dtypes[entry["dtype"]], entry["shape"], 8 + length + entry["data_offsets"][0])
-            for name, entry in header.items() if name != "__metadata__"}
-
-
-def read_whole(value):
-    """A tensor, read from its file where load_tree(lazy=True) left it there."""
-    return value.rows() if isinstance(value, TensorInFile) else value
 
 
 # ------------------------------------------------------------------------------------ RNG streams

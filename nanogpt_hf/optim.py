@@ -214,7 +214,7 @@ def _like(stored, param):
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from .checkpoint import TensorInFile, read_whole
+    from .tensor_files import TensorInFile, read_whole
 
     if not (isinstance(param, DTensor) and tuple(stored.shape) == tuple(param.shape)):
         tensor = read_whole(stored)
@@ -265,7 +265,7 @@ def load_optimizer_state(model, optimizers, saved, where):
     """Puts a state from optimizer_state() into the optimizers, each tensor sharded like its parameter; tensors left
     in their file (load_tree(lazy=True)) are read a rank's shard at a time. A state saved by the first release
     (torch's own state_dict, keyed by position) loads as it is. Returns the bytes read from the file."""
-    from .checkpoint import TensorInFile, read_whole
+    from .tensor_files import TensorInFile, read_whole
 
     optimizers = _unwrapped(optimizers)
     if saved["param_groups"] and all(isinstance(i, int) for g in saved["param_groups"] for i in g["params"]):

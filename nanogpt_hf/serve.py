@@ -179,7 +179,11 @@ def main(argv=None):
         raise UserError(f"--port {args.port}: a port is 1-65535")
     _check_serving_installed()
     listening = _bound_socket(args.host, args.port)  # before the model loads, which takes seconds to minutes
-    folder = served_folder(args.out_dir)
+    try:
+        folder = served_folder(args.out_dir)
+    except BaseException:
+        listening.close()  # nothing to serve: the port is free again at once
+        raise
     run_name = os.path.basename(os.path.abspath(args.out_dir))
     names = sorted({run_name, args.out_dir, os.path.abspath(args.out_dir)})
     print(f"serving {args.out_dir} ({folder}) at http://{args.host}:{args.port}/v1: POST /v1/completions with "

@@ -273,12 +273,14 @@ def test_nanogpt_serve_says_what_it_needs_in_one_line(tmp_path, capsys):
         serve._check_serving_installed("5.24.0")
     serve._check_serving_installed("5.25.0")
     serve._check_serving_installed("6.0.0.dev0")
-    assert_cli_error(serve.main, [str(tmp_path / "nothing")], "no such folder", capsys)
+    free = ["--port", str(serve.free_port())]  # the port is checked first
+    assert_cli_error(serve.main, [str(tmp_path / "nothing"), *free], "no such folder", capsys)
     (tmp_path / "empty").mkdir()
-    assert_cli_error(serve.main, [str(tmp_path / "empty")],
+    assert_cli_error(serve.main, [str(tmp_path / "empty"), *free],
                      "not a complete model folder (no config.json and no model.safetensors)", capsys)
     (tmp_path / "empty" / "model.safetensors").write_bytes(b"")  # weights alone: not served as some other model
-    assert_cli_error(serve.main, [str(tmp_path / "empty")], "not a complete model folder (no config.json)", capsys)
+    assert_cli_error(serve.main, [str(tmp_path / "empty"), *free], "not a complete model folder (no config.json)",
+                     capsys)
     assert_cli_error(serve.main, [str(tmp_path / "empty"), "--port", "0"], "a port is 1-65535", capsys)
     with socket.socket() as taken:  # a port another server holds: one line, before any model is looked at
         taken.bind(("127.0.0.1", 0))

@@ -77,6 +77,7 @@ def log_softmax(model, ids):
     return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
+@pytest.mark.slow
 def test_echo_and_logprobs_are_the_models_log_softmax_through_the_openai_client(server):
     """`openai` 3.x's own client, the model named by the run's folder name: echo with logprobs returns the prompt's
     tokens and, from the second on, their log-probabilities and the top ones, equal to the model's log_softmax."""
@@ -110,6 +111,7 @@ def test_echo_and_logprobs_are_the_models_log_softmax_through_the_openai_client(
         want[:len(ids) - 1], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_list_of_prompts_n_choices_and_stop_as_openai_returns_them(server):
     """A list of prompts (text and token ids) with n=2: choices indexed prompt by prompt, each greedy generate's text;
     `stop` cuts the text before the stop string, streamed or not (transformers' server kept it)."""
@@ -131,6 +133,7 @@ def test_a_list_of_prompts_n_choices_and_stop_as_openai_returns_them(server):
     assert streamed == text[:text.index(stop)] and chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.slow
 def test_what_the_endpoint_cannot_take_is_a_400_naming_the_field(server):
     port = server[0]
     cases = [({"max_tokens": 2}, "prompt: missing"), ({"prompt": ""}, "prompt: empty"),

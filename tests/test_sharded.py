@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TRAIN, read_log, run_cli, run_train, tiny_model, train_losses
-from nanogpt_hf.checkpoint import TensorInFile, load_tree, read_whole, save_tree
+from nanogpt_hf.checkpoint import load_tree, save_tree
 from nanogpt_hf.config import TrainConfig
 from nanogpt_hf.errors import UserError
 from nanogpt_hf.optim import configure_optimizer, load_optimizer_state
+from nanogpt_hf.tensor_files import TensorInFile, read_whole
 
 FSDP = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "accelerate_configs", "fsdp.yaml"),
         "--num_processes", "2"]
