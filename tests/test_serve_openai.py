@@ -186,7 +186,7 @@ def test_lm_eval_local_completions_against_the_endpoint_scores_as_its_hf_backend
     backends = {
         "api": ["--model", "local-completions", "--model_args",
                 f"base_url=http://127.0.0.1:{port}/v1/completions,model={RUN},tokenizer={folder},"
-                f"tokenizer_backend=huggingface,max_length=63,num_concurrent=1"],
+                f"tokenizer_backend=huggingface,trust_remote_code=True,max_length=63,num_concurrent=1"],
         "hf": ["--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True", "--device", "cpu"]}
     scores, results = {}, {}
     for name, args in backends.items():
@@ -195,6 +195,7 @@ def test_lm_eval_local_completions_against_the_endpoint_scores_as_its_hf_backend
                         "--batch_size", "1", "--output_path", str(out), "--log_samples"],
                        env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "model of type" not in proc.stderr  # the folder's tokenizer read with its config, no fallback
         samples = [json.loads(line) for f in glob.glob(str(out / "*" / "samples_hellaswag_local_*.jsonl")) for line in open(f)]
         scores[name] = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in samples}
         results[name] = json.load(open(glob.glob(str(out / "*" / "results_*.json"))[0]))["results"]["hellaswag_local"]
