@@ -13,10 +13,12 @@ The model answers to the run's folder name (and the path given to nanogpt-serve)
 A chat request to a model without a chat template is a 400 that says to use /v1/completions.
 """
 
+import json
 import time
 
 import torch
 from fastapi import HTTPException
+from fastapi.responses import JSONResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage
 from openai.types.completion_choice import Logprobs
 from transformers.cli.serve import Serve
@@ -128,8 +130,6 @@ class NanoGPTCompletionHandler(_Pinned, CompletionHandler):
                                 total_tokens=prompt_tokens + completion_tokens)
         result = Completion.model_construct(id=request_id, created=int(time.time()), model=engine.model_id, choices=choices,
                             object="text_completion", usage=usage)
-        from fastapi.responses import JSONResponse
-
         return JSONResponse(result.model_dump(exclude_none=True), media_type="application/json")
 
     async def _choice(self, engine, tokenizer, ids, kwargs, max_tokens, stops, echo, top, suffix):
@@ -212,8 +212,8 @@ class NanoGPTCompletionHandler(_Pinned, CompletionHandler):
 
 
 def _trimmed_stream(response, stops, chunk, finished):
-    import json
-
+    """response's events with the text cut before the first stop string (chunk(text) makes a text event, finished
+    the last one)."""
     longest = max(map(len, stops))
     source = response.body_iterator
 

@@ -3,8 +3,8 @@ matrices, then (1) Muon's step: the collectives it issues, counted with torch's 
 against the same steps in one process; (2) a checkpoint's gathering of AdamW's state: the host memory each rank
 keeps, and holds at most, from glibc's allocation counts sampled while it runs, gathered into memory (a stop
 signal's save) and streamed to a file in the folder given as argv[1] (every other save); (3) a resume from that
-file: the bytes each rank reads, the storage its restored state holds and its resident memory at most. Prints one
-JSON line per rank."""
+file: the bytes each rank reads, the storage its restored state holds and its resident memory at most. Writes one
+JSON file per rank (rankN.json in that folder)."""
 
 import ctypes
 import json
@@ -136,13 +136,15 @@ def main():
     resumed = {"bytes_read": read, "host_bytes_kept": resume_kept, "host_bytes_peak": resume_peak, "rss_peak": rss_peak,
                "equals_saved": same,
                "state_storage_bytes": sum(v.untyped_storage().nbytes() for v in local)}
-    print(json.dumps({"rank": rank, "muon_collectives": comms.get_total_counts(), "matrices": DEPTH,
+    result = json.dumps({"rank": rank, "muon_collectives": comms.get_total_counts(), "matrices": DEPTH,
                       "resume": resumed, "file_bytes": os.path.getsize(stem + ".safetensors"),
                       "max_difference_vs_one_process": difference, "kept": kept is not None,
                       "host_bytes_kept": left, "host_bytes_peak": peak, "stream_peak": stream_peak,
                       "streamed_file_equals_gathered_state": same_file,
                       "optimizer_bytes": sum(2 * p.numel() * 4 for p in big.parameters()),  # exp_avg(_sq), fp32
-                      "largest_tensor_bytes": BIG * BIG * 4}), flush=True)
+                      "largest_tensor_bytes": BIG * BIG * 4})
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:  # a file each: the ranks' stdout interleaves
+        f.write(result)
     dist.destroy_process_group()
 
 
