@@ -210,25 +210,28 @@ def whole_tensor(t, keep):
 def _like(stored, param):
     """The saved whole tensor as this process holds it: under FSDP2 this rank's shard of a DTensor parameter, else
     the whole tensor. Where it is still in its file (checkpoint.load_tree(lazy=True)) only the shard's rows are read,
-    so a rank reads and holds about 1/world of the state, not all of it. Returns (tensor, bytes read from a file)."""
+    so a rank reads and holds about 1/world of the state, not all of it."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     from .tensor_files import TensorInFile, read_whole
 
     if not (isinstance(param, DTensor) and tuple(stored.shape) == tuple(param.shape)):
-        tensor = read_whole(stored)
-        return tensor, tensor.numel() * tensor.element_size() if isinstance(stored, TensorInFile) else 0
+        return read_whole(stored)
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     whole_rows = all(o == 0 and n == full for o, n, full in zip(offset[1:], shape[1:], param.shape[1:]))
     if isinstance(stored, TensorInFile) and whole_rows:  # FSDP2's Shard(0): a range of rows, read alone
         local = stored.rows(offset[0], offset[0] + shape[0]).to(param.device)
     else:  # a copy of its own: a view would keep the whole tensor (on a GPU, all of it on every rank)
         local = read_whole(stored)[tuple(slice(o, o + n) for o, n in zip(offset, shape))].to(param.device, copy=True)
-    local = local.contiguous()  # (this rank's rows, ...)
-    read = local.numel() * local.element_size() if isinstance(stored, TensorInFile) else 0
-    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride()), read
+    return DTensor.from_local(local.contiguous(), param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())  # (this rank's rows, ...)
+
+
+def _held_bytes(tensor):
+    """The bytes this rank holds of a tensor: its shard of a DTensor."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
 
 
 def _param_names(model):
@@ -273,8 +276,8 @@ def load_optimizer_state(model, optimizers, saved, where):
             raise UserError(f"{where}: its optimizer state is AdamW's alone; resume with optimizer=adamw")
         state = {i: {k: read_whole(v) for k, v in values.items()} for i, values in saved["state"].items()}
         optimizers[0].load_state_dict({**saved, "state": state})
-        return sum(v.numel() * v.element_size() for values in state.values() for v in values.values()
-                   if torch.is_tensor(v))
+        return sum(_held_bytes(state[i][k]) for i, values in saved["state"].items() for k, v in values.items()
+                   if isinstance(v, TensorInFile))
     params = dict(model.named_parameters())
     names = _param_names(model)
     current = [[names[p] for p in g["params"]] for o in optimizers for g in o.param_groups]
@@ -291,8 +294,8 @@ def load_optimizer_state(model, optimizers, saved, where):
         for i, name in enumerate(order):
             for key, value in saved["state"].get(name, {}).items():
                 if torch.is_tensor(value) or isinstance(value, TensorInFile):
-                    value, nbytes = _like(value, params[name])
-                    read += nbytes
+                    in_file, value = isinstance(value, TensorInFile), _like(value, params[name])
+                    read += _held_bytes(value) if in_file else 0
                 state.setdefault(i, {})[key] = value
         position = iter(range(len(order)))
         groups = [{**group, "params": [next(position) for _ in group["params"]]} for group in mine]
