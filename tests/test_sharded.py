@@ -239,7 +239,7 @@ def test_fsdp2_muon_gathers_once_per_matrix_saves_keep_state_on_the_writing_rank
     assert sorted(ranks) == [0, 1]
     for r in ranks.values():
         assert r["muon_collectives"] == 2 * r["matrices"], r
-        assert r["max_difference_vs_one_process"] == 0, r  # the same whole-matrix Newton-Schulz as one process: bitwise
+        assert r["max_difference_vs_one_process"] < 1e-6, r  # the same whole-matrix Newton-Schulz as one process (0.0 here)
     writer, other = ranks[0], ranks[1]
     assert writer["kept"] and writer["host_bytes_kept"] >= writer["optimizer_bytes"]
     assert not other["kept"] and other["host_bytes_kept"] < 1e6
