@@ -91,10 +91,14 @@ def test_sigterm_to_accelerate_launch_during_an_evaluation_longer_than_its_grace
 
 def test_a_killed_writer_is_one_line_naming_what_is_on_disk(tmp_path, char_data):
     """The OOM killer ends the detached writer (SIGKILL where the weights are written, before the manifest): one
-    line names the newest complete checkpoint; the partial one is never resumed from."""
+    line names the newest complete checkpoint; the partial one is never resumed from. Step 27 takes 60 s, so the
+    signal reaches the run inside it however fast the machine steps (without it, a fast CPU reached iteration 30's
+    save, the third, before the signal arrived)."""
     out = tmp_path / "out"
-    proc = start_train(out, char_data, *RUN, launcher=ACCELERATE, env={"NANOGPT_KILL_AT": "checkpoint@3"})  # iterations 10, 20: the stop's
+    proc = start_train(out, char_data, *RUN, launcher=ACCELERATE,  # checkpoints of iterations 10, 20, then the stop's
+                       env={"NANOGPT_KILL_AT": "checkpoint@3", "NANOGPT_DELAY_AT": "step@27:60"})
     wait_for_iter(out, 25, proc)
+    time.sleep(1.0)  # inside step 27's sleep
     os.kill(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -102,6 +106,7 @@ def test_a_killed_writer_is_one_line_naming_what_is_on_disk(tmp_path, char_data)
     assert "the checkpoint writer (pid " in errors[0] and "was killed before it finished" in errors[0]
     assert f"the newest complete checkpoint is {out}/checkpoints/ckpt-0000020" in errors[0]
     assert _complete_checkpoints(out) == [20]
+    assert [c for c in os.listdir(out / "checkpoints") if c.startswith(".tmp")] == [".tmp-ckpt-0000026"]  # the killed one's
     resumed = run_train(out, char_data, *RUN, "--init_from=auto")
     assert f"Resuming training from {out}/checkpoints/ckpt-0000020" in resumed.stdout
 
