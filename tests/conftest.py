@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two threads, split between pytest-xdist's workers (PYTEST_XDIST_WORKER_COUNT): more would only contend for 2 cores
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 # fp32 rounding between two computations of the same logits (reduction order, kernel choice): ~1e-7 seen
 FP32_RTOL, FP32_ATOL = 1e-5, 1e-5
 
