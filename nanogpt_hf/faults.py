@@ -16,8 +16,9 @@ def fault_point(name):
     the N-th time) SIGKILLs this process right here, exactly like a power cut or the OOM killer would;
     NANOGPT_RAISE_AT=name@N raises a RuntimeError there, as a CUDA out-of-memory error on one GPU does;
     NANOGPT_DELAY_AT=name:seconds waits there every time, like a slow disk, name@N:seconds the N-th time only, like
-    one long step (a comma list: several), on every rank or on NANOGPT_DELAY_RANK's alone. Does nothing unless a
-    variable is set."""
+    one long step (a comma list: several), on every rank or on NANOGPT_DELAY_RANK's alone; an absolute path in place
+    of the seconds waits until that file exists (a test holds the run there exactly as long as it needs). Does
+    nothing unless a variable is set."""
     delay_rank = os.environ.get("NANOGPT_DELAY_RANK")
     delays = os.environ.get("NANOGPT_DELAY_AT", "") if delay_rank in (None, os.environ.get("RANK", "0")) else ""
     for delay in filter(None, delays.split(",")):
@@ -26,7 +27,7 @@ def fault_point(name):
         if label == name:
             count = fault_point.counts[where] = fault_point.counts.get(where, 0) + 1
             if not nth or count == int(nth):
-                time.sleep(float(seconds))
+                _wait(seconds)
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # an elastic restart runs clean
         return
     for variable in ("NANOGPT_KILL_AT", "NANOGPT_RAISE_AT"):
@@ -42,3 +43,11 @@ def fault_point(name):
 
 
 fault_point.counts = {}
+
+
+def _wait(seconds_or_path):
+    if not seconds_or_path.startswith("/"):
+        time.sleep(float(seconds_or_path))
+        return
+    while not os.path.exists(seconds_or_path):
+        time.sleep(0.05)

@@ -82,12 +82,18 @@ def test_a_killed_launcher_takes_its_worker_with_it(tmp_path, char_data):
 
 
 def test_a_second_trainer_on_the_same_out_dir_is_refused(tmp_path, char_data):
-    out = tmp_path / "out"
-    first = start_train(out, char_data, *LONG)
-    wait_for_iter(out, 20, first)
-    second = subprocess.run([sys.executable, TRAIN, *train_args(out, char_data, *LONG, "--init_from=auto",
-                                                                 "--learning_rate=2e-3")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    """The first trainer holds out_dir's lock while a second starts on it. The first waits in step 40 until the
+    second has been refused, so it is still running when the second checks the lock however fast this machine
+    trains (its ~280 remaining steps took 8.5 s here, the second's start 5.8 s)."""
+    out, go = tmp_path / "out", tmp_path / "second-refused"
+    first = start_train(out, char_data, *LONG, env={"NANOGPT_DELAY_AT": f"step@40:{go}"})
+    wait_for_iter(out, 38, first)
+    try:
+        second = subprocess.run([sys.executable, TRAIN, *train_args(out, char_data, *LONG, "--init_from=auto",
+                                                                     "--learning_rate=2e-3")],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        go.touch()  # the first goes on
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"error: out_dir {out} is in use by another trainer (pid {first.pid}" in second.stderr
     assert second.stdout.strip() == ""  # refused before anything else is said ("Initializing a new model...")
