@@ -46,6 +46,7 @@ fault_point.counts = {}
 
 
 def _wait(seconds_or_path):
+    """NANOGPT_DELAY_AT's wait: that many seconds, or until the file at that absolute path exists."""
     if not seconds_or_path.startswith("/"):
         time.sleep(float(seconds_or_path))
         return

@@ -136,15 +136,15 @@ def main():
     resumed = {"bytes_read": read, "host_bytes_kept": resume_kept, "host_bytes_peak": resume_peak, "rss_peak": rss_peak,
                "equals_saved": same,
                "state_storage_bytes": sum(v.untyped_storage().nbytes() for v in local)}
-    result = json.dumps({"rank": rank, "muon_collectives": comms.get_total_counts(), "matrices": DEPTH,
-                      "resume": resumed, "file_bytes": os.path.getsize(stem + ".safetensors"),
-                      "max_difference_vs_one_process": difference, "kept": kept is not None,
-                      "host_bytes_kept": left, "host_bytes_peak": peak, "stream_peak": stream_peak,
-                      "streamed_file_equals_gathered_state": same_file,
-                      "optimizer_bytes": sum(2 * p.numel() * 4 for p in big.parameters()),  # exp_avg(_sq), fp32
-                      "largest_tensor_bytes": BIG * BIG * 4})
+    result = {"rank": rank, "muon_collectives": comms.get_total_counts(), "matrices": DEPTH,
+              "resume": resumed, "file_bytes": os.path.getsize(stem + ".safetensors"),
+              "max_difference_vs_one_process": difference, "kept": kept is not None,
+              "host_bytes_kept": left, "host_bytes_peak": peak, "stream_peak": stream_peak,
+              "streamed_file_equals_gathered_state": same_file,
+              "optimizer_bytes": sum(2 * p.numel() * 4 for p in big.parameters()),  # exp_avg(_sq), fp32
+              "largest_tensor_bytes": BIG * BIG * 4}
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:  # a file each: the ranks' stdout interleaves
-        f.write(result)
+        json.dump(result, f)
     dist.destroy_process_group()
 
 
